@@ -1,0 +1,1 @@
+"""read -> tile -> tissue -> encode -> quantise -> store.  OWNER: lead."""

@@ -1,0 +1,118 @@
+"""The one interface every autoencoder in wsicodec offers.
+
+The pipeline only ever sees :class:`Autoencoder`: uint8 RGB tiles in, float latents out, and back.
+Range conversion, device placement, autocast and batching to the device live here so that
+adapters for diffusers, TAESD-family and the builtin model stay small.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """CUDA, then MPS, then CPU; ``requested`` ("cpu", "cuda", "cuda:1", "mps") overrides."""
+    if requested:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def sha256_of_state_dict(state_dict: dict[str, torch.Tensor]) -> str:
+    """Hash of the weights as tensors (names, dtypes, shapes, bytes), independent of file format."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+@dataclass
+class ModelInfo:
+    """What a container records about the model that made it (see formats/pzarr-v1.md)."""
+
+    model_id: str  # registry name ("taef2", "sd-vae-ft-ema", ...) or "local:<folder name>"
+    model_class: str  # e.g. "diffusers.AutoencoderKL", "wsicodec.TAEF2"
+    latent_channels: int
+    spatial_factor: int  # pixels per latent cell along each axis
+    input_range: tuple[float, float]  # what the network expects: (0, 1) or (-1, 1)
+    latent_range: tuple[float, float] | None  # hard bound of latents if the model has one (tanh)
+    weights_sha256: str  # of the decoder+encoder weights, see sha256_of_state_dict
+    decoder_sha256: str  # of the decoder weights alone: restore checks this one
+    config: dict[str, Any] = field(default_factory=dict)  # JSON-plain
+    source: str = ""  # where the weights came from (hub id, folder), informative only
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.model_id,
+            "class": self.model_class,
+            "latent_channels": self.latent_channels,
+            "spatial_factor": self.spatial_factor,
+            "input_range": list(self.input_range),
+            "latent_range": list(self.latent_range) if self.latent_range else None,
+            "weights_sha256": self.weights_sha256,
+            "decoder_sha256": self.decoder_sha256,
+            "config": self.config,
+            "source": self.source,
+        }
+
+
+class Autoencoder(ABC):
+    """Encode uint8 RGB tiles to latents and decode latents to uint8 RGB tiles.
+
+    Subclasses implement :meth:`_encode` / :meth:`_decode` on float tensors already on
+    ``self.device`` and in ``self.info.input_range``. Public methods take and return CPU data.
+    """
+
+    info: ModelInfo
+    device: torch.device
+
+    # --- what subclasses provide -------------------------------------------------------
+    @abstractmethod
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(N,3,H,W) in input_range on device -> (N,C,H/f,W/f) latents."""
+
+    @abstractmethod
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(N,C,h,w) latents on device -> (N,3,h*f,w*f) in input_range (may overshoot)."""
+
+    # --- what the pipeline uses ---------------------------------------------------------
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    @torch.inference_mode()
+    def encode(self, tiles: np.ndarray) -> torch.Tensor:
+        """uint8 (N,H,W,3) -> float32 CPU tensor (N,C,H/f,W/f)."""
+        lo, hi = self.info.input_range
+        x = torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device)
+        x = x.permute(0, 3, 1, 2).float() * ((hi - lo) / 255.0) + lo
+        with self._autocast():
+            z = self._encode(x)
+        return z.float().cpu()
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor | np.ndarray) -> np.ndarray:
+        """float (N,C,h,w) -> uint8 (N,h*f,w*f,3), clamped and rounded."""
+        lo, hi = self.info.input_range
+        z = torch.as_tensor(latents, dtype=torch.float32).to(self.device)
+        with self._autocast():
+            x = self._decode(z)
+        x = (x.float() - lo) * (255.0 / (hi - lo))
+        x = x.clamp_(0, 255).round_().to(torch.uint8)
+        return x.permute(0, 2, 3, 1).cpu().numpy()

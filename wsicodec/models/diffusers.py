@@ -1,0 +1,1 @@
+"""(stub) diffusers AutoencoderKL / AutoencoderDC / AutoencoderTiny adapters."""

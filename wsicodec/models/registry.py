@@ -1,0 +1,1 @@
+"""(stub) registry: name -> how to build and where the weights live."""

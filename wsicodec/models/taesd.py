@@ -1,0 +1,1 @@
+"""(stub) the TAESD-family architecture, e.g. TAEF2 weights."""

@@ -1,0 +1,1 @@
+"""load -> dequantise -> decode (with halo) -> pyramidal TIFF / region.  OWNER: restore helper."""
