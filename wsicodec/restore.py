@@ -1,1 +1,508 @@
-"""load -> dequantise -> decode (with halo) -> pyramidal TIFF / region.  OWNER: restore helper."""
+"""load -> dequantise -> decode (with halo) -> pyramidal TIFF / region.  OWNER: restore helper.
+
+    dec = TileDecoder(container, model, halo=HALO, cache_tiles=256, batch_size=8)
+    dec.tile(row, col) -> uint8 (t, t, 3)        # decoded once, then from an LRU cache
+    dec.tiles(coords) -> list of uint8 tiles      # missing ones decoded in batches
+    dec.strips() -> iterator of uint8 (t, width, 3) tile rows, top to bottom (for the TIFF writer)
+    pyr = Pyramid(dec)                            # the same levels the TIFF has, on demand
+    pyr.region(level, x, y, w, h) -> uint8 (h, w, 3) in level pixels; white outside the image
+    restore(container_path, out_path, ...)        # the pyramidal BigTIFF
+    restore_region(container_path, out_path, x, y, w, h, level=0, ...)   # one region as PNG/TIFF/...
+    seam_ratio(image, tile_size, tissue) -> float # tile-border vs interior neighbour differences
+
+Why a halo: a decoder's output pixel depends on latents well past its own tile, so decoding a
+tile's latents alone changes the pixels near its border (visible seams). Each tile is decoded
+together with ``halo`` latent cells of its neighbours on every side (the stored latents, or the
+container's white-tile encoding past the mosaic or in background tiles) and the halo's pixels are
+cropped away. ``benchmarks/bench_seams.py`` measured the seam ratio against the halo; see
+docs/restore.md.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .errors import ContainerError, ModelError, OutputExistsError, WsicodecError
+from .tiff import COMPRESSIONS, AperioInfo, downsample2, level_dimensions, write_aperio_pyramid
+
+# Halo in latent cells on each side. TAEF2 on CMU-1: seam ratio 1.27 at 0, ... (bench_seams.py).
+HALO = 4
+WHITE = 255
+
+
+# =========================================================================== tile decoding
+class TileDecoder:
+    """Decodes a container's output tiles (grid tiles at the archive resolution) on demand."""
+
+    def __init__(self, container, model, *, halo: int = HALO, cache_tiles: int = 256, batch_size: int = 8):
+        self.container = container
+        self.model = model
+        self.grid = container.grid
+        self.tile_size = int(self.grid.tile_size)
+        self.factor = int(model.info.spatial_factor)
+        if self.tile_size % self.factor:
+            raise ContainerError(
+                f"tile size {self.tile_size} is not a multiple of the model's spatial factor {self.factor}"
+            )
+        self.cells = self.tile_size // self.factor  # latent cells per tile side
+        self.halo = int(halo)
+        self.batch_size = max(1, int(batch_size))
+        self.tissue = np.asarray(container.tissue, dtype=bool)
+        self.quantizer = container.quantizer
+        self.cache_tiles = max(0, int(cache_tiles))
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._lock = threading.RLock()
+        self.decoded = 0  # tiles run through the decoder (cache misses), for stats and tests
+        self._white = np.full((self.tile_size, self.tile_size, 3), WHITE, np.uint8)
+        self._white.setflags(write=False)
+
+    # ------------------------------------------------------------------ what is where
+    @property
+    def rows(self) -> int:
+        return int(self.grid.rows)
+
+    @property
+    def cols(self) -> int:
+        return int(self.grid.cols)
+
+    def is_background(self, row: int, col: int) -> bool:
+        if not (0 <= row < self.rows and 0 <= col < self.cols):
+            return True
+        return not bool(self.tissue[row, col])
+
+    # ------------------------------------------------------------------ decoding
+    def _decode_latents(self, stored: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Stored (C, n+2H, n+2H) blocks -> decoded tiles (t, t, 3), halo cropped, in batches."""
+        out: list[np.ndarray] = []
+        crop = self.halo * self.factor
+        t = self.tile_size
+        for i in range(0, len(stored), self.batch_size):
+            batch = np.stack(stored[i : i + self.batch_size])
+            z = self.quantizer.dequantize(batch)
+            px = self.model.decode(z)  # (N, (n+2H)*f, (n+2H)*f, 3) uint8
+            for tile in px:
+                out.append(np.ascontiguousarray(tile[crop : crop + t, crop : crop + t]))
+        return out
+
+    def _latents_for(self, row: int, col: int) -> np.ndarray:
+        n, h = self.cells, self.halo
+        return self.container.read_latents(row * n - h, col * n - h, (row + 1) * n + h, (col + 1) * n + h)
+
+    def decode(self, coords: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """Decode tissue tiles (no cache involved); background tiles come back white."""
+        todo = [(i, rc) for i, rc in enumerate(coords) if not self.is_background(*rc)]
+        result: list[np.ndarray] = [self._white] * len(coords)
+        if todo:
+            tiles = self._decode_latents([self._latents_for(*rc) for _, rc in todo])
+            for (i, _), tile in zip(todo, tiles):
+                result[i] = tile
+            self.decoded += len(todo)
+        return result
+
+    def tiles(self, coords: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """Tiles at ``coords`` (row, col), from the cache where possible; misses decoded in batches."""
+        coords = [(int(r), int(c)) for r, c in coords]
+        with self._lock:
+            result: dict[tuple[int, int], np.ndarray] = {}
+            missing = []
+            for rc in dict.fromkeys(coords):
+                if self.is_background(*rc):
+                    result[rc] = self._white
+                elif rc in self._cache:
+                    self._cache.move_to_end(rc)
+                    result[rc] = self._cache[rc]
+                else:
+                    missing.append(rc)
+            for rc, tile in zip(missing, self.decode(missing)):
+                tile.setflags(write=False)
+                result[rc] = tile
+                if self.cache_tiles:
+                    self._cache[rc] = tile
+                    while len(self._cache) > self.cache_tiles:
+                        self._cache.popitem(last=False)
+            return [result[rc] for rc in coords]
+
+    def tile(self, row: int, col: int) -> np.ndarray:
+        return self.tiles([(row, col)])[0]
+
+    def strips(self, on_tiles: Callable[[int], None] | None = None) -> Iterator[np.ndarray]:
+        """Level 0 as tile rows (t, width, 3), top to bottom; the cache is bypassed.
+
+        One ``read_latents`` call fetches a whole row of tiles plus its halo. ``on_tiles(n)`` is
+        called as tiles finish (for a progress bar).
+        """
+        t, n, h = self.tile_size, self.cells, self.halo
+        width, height = int(self.grid.width), int(self.grid.height)
+        for row in range(self.rows):
+            strip = np.full((min(t, height - row * t), width, 3), WHITE, np.uint8)
+            cols = [c for c in range(self.cols) if not self.is_background(row, c)]
+            if cols:
+                c0, c1 = cols[0], cols[-1] + 1
+                band = self.container.read_latents(row * n - h, c0 * n - h, (row + 1) * n + h, c1 * n + h)
+                for i in range(0, len(cols), self.batch_size):
+                    chunk = cols[i : i + self.batch_size]
+                    stored = [band[:, :, (c - c0) * n : (c - c0 + 1) * n + 2 * h] for c in chunk]
+                    for c, tile in zip(chunk, self._decode_latents(stored)):
+                        x0 = c * t
+                        w = min(t, width - x0)
+                        strip[:, x0 : x0 + w] = tile[: strip.shape[0], :w]
+                    self.decoded += len(chunk)
+                    if on_tiles:
+                        on_tiles(len(chunk))
+            if on_tiles and len(cols) < self.cols:
+                on_tiles(self.cols - len(cols))
+            yield strip
+
+
+# =========================================================================== pyramid on demand
+class Pyramid:
+    """The TIFF's pyramid levels, computed on demand from decoded tiles (same pixels as the TIFF).
+
+    A level-k tile (t x t in level-k pixels) is the rounded 2x2 average of four level-(k-1) tiles;
+    reduced tiles are kept in their own LRU cache.
+    """
+
+    def __init__(self, decoder: TileDecoder, cache_tiles: int = 256):
+        self.decoder = decoder
+        self.tile_size = decoder.tile_size
+        self.dimensions = level_dimensions(int(decoder.grid.width), int(decoder.grid.height))
+        self._cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+        self.cache_tiles = cache_tiles
+        self._lock = threading.RLock()
+
+    @property
+    def level_count(self) -> int:
+        return len(self.dimensions)
+
+    def _all_background(self, level: int, i: int, j: int) -> bool:
+        span = 1 << level
+        block = self.decoder.tissue[i * span : (i + 1) * span, j * span : (j + 1) * span]
+        return not block.any()
+
+    def level_tiles(self, level: int, coords: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        if level == 0:
+            return self.decoder.tiles(coords)
+        t = self.tile_size
+        with self._lock:
+            out: dict[tuple[int, int], np.ndarray] = {}
+            need = []
+            for rc in dict.fromkeys(coords):
+                key = (level, *rc)
+                if self._all_background(level, *rc):
+                    out[rc] = self.decoder._white
+                elif key in self._cache:
+                    self._cache.move_to_end(key)
+                    out[rc] = self._cache[key]
+                else:
+                    need.append(rc)
+            if need:
+                children = sorted({(2 * i + di, 2 * j + dj) for i, j in need for di in (0, 1) for dj in (0, 1)})
+                got = dict(zip(children, self.level_tiles(level - 1, children)))
+                for i, j in need:
+                    block = np.empty((2 * t, 2 * t, 3), np.uint8)
+                    for di in (0, 1):
+                        for dj in (0, 1):
+                            block[di * t : (di + 1) * t, dj * t : (dj + 1) * t] = got[(2 * i + di, 2 * j + dj)]
+                    tile = downsample2(block)
+                    tile.setflags(write=False)
+                    out[(i, j)] = tile
+                    self._cache[(level, i, j)] = tile
+                    while len(self._cache) > self.cache_tiles:
+                        self._cache.popitem(last=False)
+            return [out[rc] for rc in coords]
+
+    def region(self, level: int, x: int, y: int, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
+        """Pixels (h, w, 3) of ``level`` at level coordinates (x, y) and a bool mask of those inside the image."""
+        if not (0 <= level < self.level_count):
+            raise WsicodecError(f"level {level} does not exist (the pyramid has levels 0..{self.level_count - 1})")
+        lw, lh = self.dimensions[level]
+        t = self.tile_size
+        out = np.full((h, w, 3), WHITE, np.uint8)
+        inside = np.zeros((h, w), bool)
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
+        if x1 <= x0 or y1 <= y0:
+            return out, inside
+        inside[y0 - y : y1 - y, x0 - x : x1 - x] = True
+        coords = [(i, j) for i in range(y0 // t, (y1 - 1) // t + 1) for j in range(x0 // t, (x1 - 1) // t + 1)]
+        for (i, j), tile in zip(coords, self.level_tiles(level, coords)):
+            ty0, tx0 = i * t, j * t
+            a0, a1 = max(y0, ty0), min(y1, ty0 + t)
+            b0, b1 = max(x0, tx0), min(x1, tx0 + t)
+            out[a0 - y : a1 - y, b0 - x : b1 - x] = tile[a0 - ty0 : a1 - ty0, b0 - tx0 : b1 - tx0]
+        return out, inside
+
+
+# =========================================================================== quality figures
+def seam_ratio(image: np.ndarray, tile_size: int, tissue: np.ndarray | None = None) -> float:
+    """Mean |difference| of neighbouring pixels straddling tile borders over the same inside tiles.
+
+    Only pairs of pixels whose tiles both hold tissue count (``tissue``: bool (rows, cols); None =
+    all tiles): a border between tissue and white background is a real edge, not a seam.
+    Both horizontal and vertical neighbours count. 1.0 means borders are invisible statistically.
+    """
+    img = np.asarray(image, dtype=np.int16)
+    h, w = img.shape[:2]
+    t = tile_size
+    rows, cols = math.ceil(h / t), math.ceil(w / t)
+    if tissue is None:
+        tissue = np.ones((rows, cols), bool)
+    tissue = np.asarray(tissue, bool)[:rows, :cols]
+    # per-pixel tissue flag, expanded from the tile mask
+    mask = np.repeat(np.repeat(tissue, t, axis=0), t, axis=1)[:h, :w]
+    sums = {"border": 0.0, "inside": 0.0}
+    counts = {"border": 0, "inside": 0}
+    for axis in (0, 1):
+        d = np.abs(np.diff(img, axis=axis)).mean(axis=2)  # d[k] compares pixel k and k+1
+        both = mask[1:, :] & mask[:-1, :] if axis == 0 else mask[:, 1:] & mask[:, :-1]
+        n = d.shape[axis]
+        at_border = (np.arange(n) + 1) % t == 0
+        sel = at_border[:, None] if axis == 0 else at_border[None, :]
+        for name, where in (("border", both & sel), ("inside", both & ~sel)):
+            sums[name] += float(d[where].sum())
+            counts[name] += int(where.sum())
+    if not counts["border"] or not counts["inside"] or sums["inside"] == 0:
+        return float("nan")
+    return (sums["border"] / counts["border"]) / (sums["inside"] / counts["inside"])
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+# =========================================================================== opening
+def open_container(path):
+    """Container.open with every failure turned into one ContainerError line."""
+    from .container import Container
+
+    p = Path(path)
+    if not p.exists():
+        raise ContainerError(f"container not found: {p}")
+    try:
+        return Container.open(p)
+    except WsicodecError:
+        raise
+    except Exception as exc:  # zarr/json/zip errors of a foreign or damaged file
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        raise ContainerError(f"{p.name}: not a readable .pzarr container ({msg})") from None
+
+
+def load_decoder_model(container, override: str | None = None, device: str | None = None, force: bool = False):
+    """The model that decodes ``container``, its decoder weights checked against the container's record."""
+    from . import models
+
+    record = dict(container.model)
+    resolve = getattr(models, "resolve_model", None)
+    if resolve is not None:
+        return resolve(record, override, device=device, verify=not force)
+    # fallback while models.resolve_model does not exist: load and compare the decoder hash here
+    where = override or record.get("source") or record.get("id")
+    try:
+        model = models.load_model(where, device=device)
+    except WsicodecError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"cannot load model {where!r}: {' '.join(str(exc).split())}") from None
+    want = record.get("decoder_sha256")
+    if want and model.info.decoder_sha256 != want and not force:
+        raise ModelError(
+            f"decoder weights of {where!r} (sha256 {model.info.decoder_sha256[:12]}…) differ from the ones "
+            f"that made this container ({want[:12]}…); pass --force to restore with them anyway"
+        )
+    return model
+
+
+def _aperio_info(container) -> AperioInfo:
+    grid = container.grid
+    mpp = float(grid.target_mpp)
+    extra: dict[str, str] = {}
+    attrs = getattr(container, "attrs", {}) or {}
+    source = attrs.get("source") or {}
+    if isinstance(source, dict):
+        name = source.get("name") or source.get("file_name") or source.get("filename")
+        if name:
+            extra["Filename"] = str(name)
+    extra["ArchivedMPP"] = f"{float(getattr(grid, 'actual_mpp', mpp)):.4f}"
+    model = getattr(container, "model", {}) or {}
+    if model.get("id"):
+        extra["WsicodecModel"] = str(model["id"])
+    # the archive's magnification follows from its resolution (10 µm/px is 1x)
+    return AperioInfo(mpp=mpp, app_mag=round(10.0 / mpp, 2), extra=extra)
+
+
+def _check_output(out_path: Path, overwrite: bool) -> None:
+    if out_path.exists() and not overwrite:
+        raise OutputExistsError(f"{out_path} exists; pass --overwrite to replace it")
+    if not out_path.parent.is_dir():
+        raise WsicodecError(f"output folder does not exist: {out_path.parent}")
+
+
+class _Progress:
+    """A rich progress bar with tiles/s, or nothing."""
+
+    def __init__(self, enabled: bool, total: int, description: str):
+        self._bar = None
+        if enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]} tiles/s"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                transient=False,
+            )
+            self._task = self._bar.add_task(description, total=total, rate="-")
+            self._t0 = time.perf_counter()
+            self._done = 0
+
+    def __enter__(self):
+        if self._bar:
+            self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._bar:
+            self._bar.__exit__(*exc)
+        return False
+
+    def advance(self, n: int) -> None:
+        if self._bar:
+            self._done += n
+            rate = self._done / max(time.perf_counter() - self._t0, 1e-9)
+            self._bar.update(self._task, advance=n, rate=f"{rate:.1f}")
+
+    def describe(self, text: str) -> None:
+        if self._bar:
+            self._bar.update(self._task, description=text)
+
+
+# =========================================================================== restore
+def restore(
+    container_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    compression: str = "jpeg",
+    quality: int = 90,
+    device: str | None = None,
+    batch_size: int = 8,
+    model: str | None = None,
+    force: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    halo: int = HALO,
+    _model_obj=None,
+) -> dict[str, Any]:
+    """Restore a pyramidal Aperio-layout BigTIFF from a .pzarr container. Returns a summary dict."""
+    out_path = Path(out_path)
+    if compression not in COMPRESSIONS:
+        raise WsicodecError(f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)}")
+    if not 1 <= int(quality) <= 100:
+        raise WsicodecError(f"--quality must be between 1 and 100, got {quality}")
+    _check_output(out_path, overwrite)
+    t0 = time.perf_counter()
+    container = open_container(container_path)
+    net = _model_obj if _model_obj is not None else load_decoder_model(container, model, device, force)
+    decoder = TileDecoder(container, net, halo=halo, cache_tiles=0, batch_size=batch_size)
+    grid = container.grid
+    try:
+        associated = container.associated_images() or {}
+    except Exception:  # associated images are a nicety; never fail a restore over them
+        associated = {}
+    total = decoder.rows * decoder.cols
+    with _Progress(progress, total, "restoring level 0") as bar:
+        dims = write_aperio_pyramid(
+            out_path,
+            decoder.strips(on_tiles=bar.advance),
+            int(grid.width),
+            int(grid.height),
+            _aperio_info(container),
+            tile_size=decoder.tile_size,
+            associated=associated,
+            compression=compression,
+            quality=quality,
+            on_level=lambda level, wh: bar.describe(f"writing level {level + 1}"),
+        )
+    return {
+        "output": str(out_path),
+        "levels": dims,
+        "tiles": total,
+        "decoded_tiles": decoder.decoded,
+        "seconds": time.perf_counter() - t0,
+        "bytes": out_path.stat().st_size,
+    }
+
+
+def restore_region(
+    container_path: str | os.PathLike,
+    out_path: str | os.PathLike | None,
+    x: int,
+    y: int,
+    w: int,
+    h: int,
+    *,
+    level: int = 0,
+    device: str | None = None,
+    batch_size: int = 8,
+    model: str | None = None,
+    force: bool = False,
+    overwrite: bool = False,
+    halo: int = HALO,
+    _model_obj=None,
+) -> np.ndarray:
+    """Restore one region: (x, y) in level-0 pixels of the archived resolution, (w, h) in pixels of ``level``
+    (a 2**level downsample, the TIFF's level ``level``). Writes it to ``out_path`` (any format PIL writes)
+    when given; returns the RGB array."""
+    from PIL import Image
+
+    if w <= 0 or h <= 0:
+        raise WsicodecError(f"region size must be positive, got {w}x{h}")
+    if level < 0:
+        raise WsicodecError(f"--level must be >= 0, got {level}")
+    if out_path is not None:
+        out_path = Path(out_path)
+        _check_output(out_path, overwrite)
+    container = open_container(container_path)
+    net = _model_obj if _model_obj is not None else load_decoder_model(container, model, device, force)
+    pyr = Pyramid(TileDecoder(container, net, halo=halo, cache_tiles=1024, batch_size=batch_size))
+    if level >= pyr.level_count:
+        raise WsicodecError(f"level {level} does not exist (the pyramid has levels 0..{pyr.level_count - 1})")
+    lw, lh = pyr.dimensions[level]
+    s = 1 << level
+    if w * h > 40_000 * 40_000:
+        raise WsicodecError(f"region {w}x{h} is too large for one image; restore the whole slide instead")
+    if x >= lw * s or y >= lh * s or x + w * s <= 0 or y + h * s <= 0:
+        raise WsicodecError(
+            f"region {x},{y} {w}x{h} at level {level} lies outside the image ({lw * s}x{lh * s} at level 0)"
+        )
+    img, _ = pyr.region(level, x // s, y // s, w, h)
+    if out_path is not None:
+        tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.partial{out_path.suffix}")
+        try:
+            Image.fromarray(img).save(tmp)
+            os.replace(tmp, out_path)
+        except (ValueError, KeyError) as exc:
+            tmp.unlink(missing_ok=True)
+            raise WsicodecError(f"cannot write {out_path.name}: {exc}") from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    return img

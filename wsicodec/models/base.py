@@ -37,7 +37,8 @@ def sha256_of_state_dict(state_dict: dict[str, torch.Tensor]) -> str:
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())
         digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        # reshape(-1): size-1 dims of channels_last weights keep odd strides that view() rejects
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
 
 
@@ -89,6 +90,23 @@ class Autoencoder(ABC):
     @abstractmethod
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         """(N,C,h,w) latents on device -> (N,3,h*f,w*f) in input_range (may overshoot)."""
+
+    # --- optional: training and saving (TAEF2 and diffusers adapters implement them) ----------
+    def modules_for_training(self) -> dict[str, "torch.nn.Module"]:
+        """The nn.Modules by role ("encoder", "decoder", ...), for decoder fine-tuning.
+
+        ``_encode``/``_decode`` are differentiable (no inference mode): call them with grad enabled."""
+        raise NotImplementedError(f"{self.info.model_class} does not expose its modules")
+
+    def refresh_hashes(self) -> None:
+        """Recompute ``info.weights_sha256``/``decoder_sha256`` after weights changed in place."""
+        raise NotImplementedError(f"{self.info.model_class} cannot recompute its hashes")
+
+    def save(self, folder: Any, *, model_id: str, description: str = "", base: str | None = None,
+             extra: dict[str, Any] | None = None) -> Any:
+        """Write a model folder (weights + ``wsicodec-model.json``, docs/models.md) that
+        ``load_model(folder)`` reads back with ``model_id``; updates ``info`` to match."""
+        raise NotImplementedError(f"{self.info.model_class} cannot be saved as a model folder")
 
     # --- what the pipeline uses ---------------------------------------------------------
     def _autocast(self):

@@ -1,1 +1,275 @@
-"""(stub) the project's own model + its packaged weights."""
+"""The project's own autoencoder: small, CPU-fast, bounded latents, weights shipped in the package.
+
+    BUILTIN_MODELS: dict[id, packaged weights file name]; DEFAULT_MODEL_ID
+    load_builtin(model_id=DEFAULT_MODEL_ID, device=None) -> BuiltinAutoencoder
+    load_builtin_folder(path, device=None) -> BuiltinAutoencoder      # folders written by `wsicodec train`
+    save_builtin_folder(net, path, *, model_id, extra=None)           # writes such a folder (atomically)
+    is_builtin_folder(path) -> bool
+    build_net(config) -> CodecNet;  CodecNet.config (JSON-plain)
+
+Architecture (CodecNet): no convolution at full resolution. The encoder pixel-unshuffles the
+tile by 4 (3 -> 48 channels at 1/4 size), runs 3x3 residual blocks there, halves the size with
+strided convolutions until 1/factor, and ends in ``bound * tanh(x / bound)`` so latents live in
+(-bound, bound) and a uniform quantiser's grid covers them exactly. The decoder mirrors it with
+pixel-shuffle upsampling and ends in a pixel-shuffle by 4. Input and output range is [-1, 1].
+
+Weights files are safetensors (fp16 for the packaged ones) whose metadata carries the JSON config
+under "wsicodec_config"; a folder holds ``wsicodec-model.json`` (the manifest, see docs/models.md)
+plus ``model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ModelError
+from .base import Autoencoder, ModelInfo, pick_device, sha256_of_state_dict
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+DEFAULT_MODEL_ID = "wsicodec-base-f8c4-v1"
+BUILTIN_MODELS: dict[str, str] = {DEFAULT_MODEL_ID: "wsicodec-base-f8c4-v1.safetensors"}
+MANIFEST_NAME = "wsicodec-model.json"
+WEIGHTS_NAME = "model.safetensors"
+MODEL_CLASS = "wsicodec.BuiltinCodec"
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "factor": 8,
+    "latent_channels": 4,
+    "enc_stem": 8,  # pixel-unshuffle factor of the encoder's input
+    "enc_stem_kernel": 1,  # the stem mixes each unshuffled cell's 192 values; blocks add context
+    "enc_widths": [96],  # channels at 1/enc_stem, then at each further halving down to 1/factor
+    "enc_blocks": [1],
+    "dec_stem": 4,  # pixel-shuffle factor of the decoder's output
+    "dec_widths": [112, 48],  # channels at 1/factor, then at each doubling up to 1/dec_stem
+    "dec_blocks": [1, 1],
+    "bound": 3.0,
+    # what compress uses unless told otherwise; chosen by measuring stored bytes and fidelity
+    "default_quantizer": {"kind": "uniform", "levels": 64},
+}
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(self.act(self.conv1(x)))
+
+
+def _levels(factor: int, stem: int, widths: list, blocks: list, what: str) -> int:
+    n = int(round(math.log2(factor / stem))) + 1
+    if stem < 1 or factor % stem or 2 ** (n - 1) * stem != factor:
+        raise ModelError(f"builtin model: {what} stem {stem} does not divide factor {factor} by a power of two")
+    if len(widths) != n or len(blocks) != n:
+        raise ModelError(f"builtin model: {what} needs {n} widths and block counts for factor {factor}/stem {stem}")
+    return n
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: dict[str, Any]):
+        super().__init__()
+        s, w, b = int(config["enc_stem"]), list(config["enc_widths"]), list(config["enc_blocks"])
+        n = _levels(int(config["factor"]), s, w, b, "encoder")
+        k = int(config.get("enc_stem_kernel", 3))
+        layers: list[nn.Module] = [nn.PixelUnshuffle(s), nn.Conv2d(3 * s * s, w[0], k, padding=k // 2)]
+        for i in range(n):
+            if i:
+                layers.append(nn.Conv2d(w[i - 1], w[i], 3, stride=2, padding=1))
+            layers += [ResBlock(w[i]) for _ in range(b[i])]
+        layers += [nn.ReLU(inplace=True), nn.Conv2d(w[-1], int(config["latent_channels"]), 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+        self.bound = float(config["bound"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.net(x) / self.bound) * self.bound
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: dict[str, Any]):
+        super().__init__()
+        s, w, b = int(config["dec_stem"]), list(config["dec_widths"]), list(config["dec_blocks"])
+        n = _levels(int(config["factor"]), s, w, b, "decoder")
+        layers: list[nn.Module] = [nn.Conv2d(int(config["latent_channels"]), w[0], 3, padding=1)]
+        for i in range(n):
+            if i:
+                layers += [nn.Conv2d(w[i - 1], w[i] * 4, 1), nn.PixelShuffle(2)]
+            layers += [ResBlock(w[i]) for _ in range(b[i])]
+        layers += [nn.ReLU(inplace=True), nn.Conv2d(w[-1], 3 * s * s, 3, padding=1), nn.PixelShuffle(s)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class CodecNet(nn.Module):
+    """encoder + decoder; images in [-1, 1]."""
+
+    def __init__(self, config: dict[str, Any] | None = None):
+        super().__init__()
+        cfg = dict(DEFAULT_CONFIG)
+        cfg.update(config or {})
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+
+def build_net(config: dict[str, Any] | None = None) -> CodecNet:
+    return CodecNet(config)
+
+
+# ------------------------------------------------------------------------------- the adapter
+class BuiltinAutoencoder(Autoencoder):
+    def __init__(self, net: CodecNet, *, model_id: str, device: str | torch.device | None = None,
+                 source: str = "", bf16_cpu: bool = False):
+        self.device = pick_device(device) if not isinstance(device, torch.device) else device
+        self.net = net.eval().to(self.device)
+        if self.device.type == "cpu":
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.bf16_cpu = bf16_cpu
+        cfg = net.config
+        state = {k: v for k, v in net.state_dict().items()}
+        dec = {k: v for k, v in state.items() if k.startswith("decoder.")}
+        bound = float(cfg["bound"])
+        self.info = ModelInfo(
+            model_id=model_id,
+            model_class=MODEL_CLASS,
+            latent_channels=int(cfg["latent_channels"]),
+            spatial_factor=int(cfg["factor"]),
+            input_range=(-1.0, 1.0),
+            latent_range=(-bound, bound),
+            weights_sha256=sha256_of_state_dict(state),
+            decoder_sha256=sha256_of_state_dict(dec),
+            config=json.loads(json.dumps(cfg)),
+            source=source,
+        )
+
+    def _autocast(self):
+        if self.device.type == "cpu" and self.bf16_cpu:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return super()._autocast()
+
+    def _prep(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cpu" else x
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.encoder(self._prep(x))
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net.decoder(self._prep(z))
+
+
+# ------------------------------------------------------------------------------- files
+def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise ModelError(f"builtin model weights missing: {path}") from None
+    except Exception as exc:
+        raise ModelError(f"cannot load builtin model weights {path}: {exc}") from None
+    if "wsicodec_config" not in meta:
+        raise ModelError(f"{path} is not a wsicodec builtin weights file (no wsicodec_config metadata)")
+    return state, json.loads(meta["wsicodec_config"])
+
+
+def net_from_file(path: str | Path) -> CodecNet:
+    state, config = _read_weights(Path(path))
+    net = CodecNet(config)
+    state = {k: v.float() for k, v in state.items()}
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ModelError(f"weights in {path} do not fit the builtin architecture: {str(exc).splitlines()[0]}") from None
+    return net
+
+
+def save_weights(net: CodecNet, path: str | Path, *, fp16: bool = True) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: (v.half() if fp16 and v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in net.state_dict().items()}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"wsicodec_config": json.dumps(net.config)})
+    os.replace(tmp, path)
+
+
+def load_builtin(model_id: str = DEFAULT_MODEL_ID, device: str | None = None) -> BuiltinAutoencoder:
+    if model_id not in BUILTIN_MODELS:
+        raise ModelError(f"unknown builtin model {model_id!r}; known: {', '.join(sorted(BUILTIN_MODELS))}")
+    path = WEIGHTS_DIR / BUILTIN_MODELS[model_id]
+    net = net_from_file(path)
+    # fp16 storage -> fp32 compute: the hash is of what runs, which round-trips exactly
+    return BuiltinAutoencoder(net, model_id=model_id, device=device, source=f"package:{path.name}")
+
+
+def is_builtin_folder(path: str | Path) -> bool:
+    manifest = Path(path) / MANIFEST_NAME
+    if not manifest.is_file():
+        return False
+    try:
+        return json.loads(manifest.read_text()).get("architecture") == "builtin"
+    except (OSError, ValueError):
+        return False
+
+
+def load_builtin_folder(path: str | Path, device: str | None = None) -> BuiltinAutoencoder:
+    folder = Path(path)
+    manifest_path = folder / MANIFEST_NAME
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{folder} has no {MANIFEST_NAME}; not a wsicodec model folder") from None
+    except ValueError as exc:
+        raise ModelError(f"{manifest_path} is not valid JSON: {exc}") from None
+    if manifest.get("architecture") != "builtin":
+        raise ModelError(f"{manifest_path} describes architecture {manifest.get('architecture')!r}, not 'builtin'")
+    weights = folder / manifest.get("weights", WEIGHTS_NAME)
+    net = net_from_file(weights)
+    model_id = manifest.get("model_id") or f"local:{folder.name}"
+    return BuiltinAutoencoder(net, model_id=model_id, device=device, source=str(folder))
+
+
+def save_builtin_folder(net: CodecNet, path: str | Path, *, model_id: str | None = None,
+                        extra: dict[str, Any] | None = None, fp16: bool = False) -> Path:
+    """Write (or update) a model folder that ``--model DIR`` loads.
+
+    Other files in the folder (e.g. training checkpoints) are left alone. Weights are renamed into
+    place first and the manifest last, so a folder only looks loadable once both are complete."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_weights(net, folder / WEIGHTS_NAME, fp16=fp16)
+    manifest = {
+        "format": "wsicodec-model",
+        "format_version": 1,
+        "architecture": "builtin",
+        "model_id": model_id or f"local:{folder.resolve().name}",
+        "model_class": MODEL_CLASS,
+        "weights": WEIGHTS_NAME,
+        "config": net.config,
+    }
+    manifest.update(extra or {})
+    tmp = folder / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, folder / MANIFEST_NAME)
+    return folder
+
+
+def param_count(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
