@@ -53,7 +53,7 @@ def real_latents(cache: Path | None):
         try:
             from wsicodec.tissue import tissue_tiles
 
-            mask = tissue_tiles(slide, grid)
+            mask = tissue_tiles(slide.thumbnail(), grid)
             coords = list(zip(*np.nonzero(mask)))
             tiles = [slide.read_tile(grid, r, c) for r, c in coords]
         except Exception:  # tissue detection not available: a plain darkness rule

@@ -183,14 +183,25 @@ def test_file_openslide_cannot_open(tmp_path, tiny_model_dir):
 
 def test_existing_output_refused_unless_overwrite(synthetic_slide, tiny_model_dir, tmp_path):
     out = tmp_path / "o.pzarr"
+    first = compress(synthetic_slide, out, model=str(tiny_model_dir))
+    result = run_cli("compress", synthetic_slide, out, "--model", tiny_model_dir, "--all-tiles")
+    assert result.exit_code != 0 and "--overwrite" in error_line(result)
+    assert Container.open(out).describe()["tiles"]["tissue"] == first.tissue_tiles  # untouched
+    result = run_cli("compress", synthetic_slide, out, "--model", tiny_model_dir, "--all-tiles", "--overwrite", "-q")
+    assert result.exit_code == 0, result.output
+    assert Container.open(out).describe()["tiles"]["tissue"] == first.tiles_total
+    assert not [p for p in leftovers(out) if p != out]
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_container(synthetic_slide, tiny_model_dir, tmp_path):
+    out = tmp_path / "o.pzarr"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    result = run_cli("compress", synthetic_slide, out, "--model", tiny_model_dir)
-    assert result.exit_code != 0 and "--overwrite" in error_line(result)
+    for extra in ([], ["--overwrite"]):
+        result = run_cli("compress", synthetic_slide, out, "--model", tiny_model_dir, *extra)
+        assert result.exit_code != 0
+        error_line(result)
     assert (out / "keep.txt").read_text() == "user data"
-    result = run_cli("compress", synthetic_slide, out, "--model", tiny_model_dir, "--overwrite", "--quiet")
-    assert result.exit_code == 0, result.output
-    assert Container.open(out).describe()["tiles"]["tissue"] > 0
 
 
 def test_unknown_model_name(synthetic_slide, tmp_path):

@@ -350,6 +350,13 @@ def test_corrupt_shard_is_reported_on_read(written):
     c = Container.open(path)
     with pytest.raises(ContainerError, match="corrupt"):
         c.read_tile(1, 1)
+    with pytest.raises(ContainerError, match=r"corrupt latent shard \(0, 0\)"):
+        c.verify()
+
+
+def test_verify_reads_every_tissue_tile(written):
+    path, tiles = written
+    assert Container.open(path).verify() == len(tiles)
 
 
 def test_missing_root_metadata_is_truncated(written):
@@ -396,7 +403,8 @@ def test_describe_is_plain_json_with_what_info_shows(written):
     assert d["format_version"] == "1.0"
     assert d["quantizer"]["codebook_size"] == 256 and d["quantizer"]["kind"] == "kmeans"
     assert d["tiles"]["tissue"] == len(tiles) < d["tiles"]["total"]
-    assert d["source"] == {"filename": "s.svs", "size": 12345, "sha256": "c" * 64, "vendor": "aperio"}
+    assert d["source"] == {"filename": "s.svs", "size": 12345, "sha256": "c" * 64, "vendor": "aperio",
+                           "property_count": 1}  # the properties themselves stay in the attributes
     assert d["container_bytes"] == sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     assert d["bytes_per_tissue_tile"] == pytest.approx(d["container_bytes"] / len(tiles))
     assert d["model"]["id"] == "test-f8c4"
@@ -416,3 +424,30 @@ def test_float16_none_quantizer_round_trip(tmp_path):
     for k, s in tiles.items():
         np.testing.assert_array_equal(c.read_tile(*k), s)
     assert c.quantizer.kind == "none"
+
+
+def test_leftovers_of_a_killed_writer_are_cleaned_up(tmp_path, quantizer):
+    dead = tmp_path / ".slide.pzarr.partial-999999999"  # no such process
+    (dead / "latents").mkdir(parents=True)
+    other = tmp_path / ".other.pzarr.partial-999999999"  # another output's: left alone
+    other.mkdir()
+    tiles = make_tiles(quantizer, tissue_mask())
+    write(tmp_path / "slide.pzarr", quantizer, tiles)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.pzarr.partial-999999999", "slide.pzarr"]
+
+
+def test_slide_without_tissue_and_odd_associated_images(tmp_path, quantizer):
+    path = tmp_path / "blank.pzarr"
+    rgba = np.zeros((4, 5, 4), np.uint8)
+    rgba[..., 0] = 255
+    rgba[0, 0, 3] = 255  # one opaque red pixel, the rest transparent: white
+    write(path, quantizer, {}, tissue=np.zeros((ROWS, COLS), bool),
+          associated={"macro": rgba, "label": np.full((3, 4), 17, np.uint8)})
+    c = Container.open(path)
+    assert c.attrs["tiles"]["tissue"] == 0
+    assert not (path / "latents" / "c").exists()  # no shard at all
+    np.testing.assert_array_equal(c.read_latents(0, 0, ROWS * TL, COLS * TL),
+                                  np.tile(c.background, (1, ROWS, COLS)))
+    imgs = c.associated_images()
+    assert imgs["macro"][0, 0].tolist() == [255, 0, 0] and imgs["macro"][1, 1].tolist() == [255, 255, 255]
+    assert imgs["label"].shape == (3, 4, 3) and (imgs["label"] == 17).all()

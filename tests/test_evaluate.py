@@ -127,6 +127,7 @@ def test_unavailable_foundation_model_is_one_message_and_eval_continues(tile_fol
     (["{tiles}", "--plot", "{tmp}/x.jpg"], "PNG"),
     (["{tiles}", "--csv", "/nonexistent/dir/x.csv"], "does not exist"),
     (["{tiles}", "--model", "no-such-model"], "unknown model"),
+    (["{tiles}", "--embedder", "unii"], "unknown embedder"),
 ])
 def test_bad_inputs_are_one_line_errors(tile_folder, tmp_path, args, needle):
     args = [a.format(tiles=tile_folder, tmp=tmp_path) for a in args]

@@ -107,7 +107,7 @@ def test_cli_finetune_and_refusals(tiny_model_dir, tile_folder, tmp_path):
     assert missing.exit_code != 0 and "error:" in missing.output and "Traceback" not in missing.output
     bad = CliRunner().invoke(app, ["finetune", "--model", str(tiny_model_dir), "--data", str(tmp_path / "nope"),
                                    "--out", str(tmp_path / "x"), "-q"])
-    assert bad.exit_code != 0 and "not found" in bad.output and not (tmp_path / "x" / MANIFEST_NAME).exists()
+    assert bad.exit_code != 0 and "not found" in bad.output and not (tmp_path / "x").exists()
 
 
 def test_finetune_taef2(taef2_dir, cmu1_path, tmp_path):
@@ -118,3 +118,25 @@ def test_finetune_taef2(taef2_dir, cmu1_path, tmp_path):
     assert tuned.info.model_id == summary["id"] and tuned.info.model_id.startswith("taef2-ft-")
     assert tuned.info.model_class == base.info.model_class
     assert tuned.info.decoder_sha256 != base.info.decoder_sha256
+
+
+def test_finetune_tiny_diffusers_kl(tile_folder, tmp_path):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4,
+    )
+    src = tmp_path / "tiny-kl"
+    vae.save_pretrained(src)
+    base = load_model(str(src), "cpu")
+    summary = finetune(_cfg(src, tile_folder, tmp_path / "kl-ft", steps=2, batch_size=1), show_progress=False)
+    tuned = load_model(str(tmp_path / "kl-ft"), "cpu")
+    assert tuned.info.model_id == summary["id"] and tuned.info.model_id.startswith("tiny-kl-ft-")
+    assert tuned.info.model_class == "diffusers.AutoencoderKL"
+    assert tuned.info.decoder_sha256 != base.info.decoder_sha256
+    enc = {k: v for k, v in tuned.vae.state_dict().items() if k.startswith("encoder.")}
+    for k, v in base.vae.state_dict().items():
+        if k.startswith("encoder."):
+            assert torch.equal(enc[k], v)  # frozen

@@ -18,7 +18,7 @@ import zarr
 
 from wsicodec import container as ct
 from wsicodec.models.base import ModelInfo
-from wsicodec.quantize import make_quantizer
+from wsicodec.quantize import DEFAULT_INT8_RANGE, make_quantizer
 
 SPEC = Path(__file__).resolve().parents[1] / "formats" / "pzarr-v1.md"
 ROWS, COLS, C, F, T = 12, 9, 32, 8, 256  # CMU-1-Small-Region's grid with TAEF2's latent shape
@@ -141,8 +141,11 @@ _TYPES = {"string": str, "boolean": bool, "integer": int, "number": (int, float)
 def test_every_attribute_in_the_spec_table_is_present_with_its_type(written):
     table = attribute_table()
     assert len(table) > 50  # the table was found and parsed
-    attrs = zarr.open_group(written, mode="r").attrs["pzarr"]
-    for key, types in table.items():
+    check_attributes(zarr.open_group(written, mode="r").attrs["pzarr"])
+
+
+def check_attributes(attrs: dict) -> None:
+    for key, types in attribute_table().items():
         node = attrs
         for part in key.split("."):
             assert isinstance(node, dict) and part in node, f"pzarr.{key} missing"
@@ -191,6 +194,8 @@ def test_spec_states_the_writers_constants():
     assert f"**Shards of {ct.SHARD_TILES} × {ct.SHARD_TILES} tiles.**" in text
     assert "unsupported .pzarr format version X (this wsicodec reads 1.x); upgrade wsicodec" in text
     assert ".<name>.partial-<pid>" in text
+    lo, hi = DEFAULT_INT8_RANGE
+    assert f"else `[{lo:g}, {hi:g}]`" in text
 
 
 def test_reading_a_tile_by_hand_as_the_spec_describes(written):
@@ -239,3 +244,21 @@ def test_none_quantizer_stores_float16_and_no_codebook(tmp_path):
     attrs = root.attrs["pzarr"]
     assert attrs["quantizer"]["kind"] == "none" and attrs["quantizer"]["dtype"] == "float16"
     assert attrs["quantizer"]["levels"] == 0
+
+
+def test_container_from_the_compress_pipeline_follows_the_spec(synthetic_slide, tmp_path):
+    """Not only the writer on its own: what `compress` records meets the attribute table too."""
+    from diffusers import AutoencoderTiny
+
+    from wsicodec.compress import compress
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "tiny"
+    AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                    num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1)).save_pretrained(model_dir)
+    out = tmp_path / "synthetic.pzarr"
+    compress(synthetic_slide, out, model=str(model_dir))
+    attrs = zarr.open_group(out, mode="r").attrs["pzarr"]
+    check_attributes(attrs)
+    assert attrs["source"]["sha256"] and len(attrs["source"]["sha256"]) == 64
+    assert attrs["complete"] is True

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from wsicodec.errors import WsicodecError
 from wsicodec.quantize import DEFAULT_INT8_RANGE, Quantizer, make_quantizer
 
 
@@ -125,8 +126,10 @@ def test_levels_are_limited_to_uint8_and_kinds_are_checked():
         make_quantizer("kmeans", levels=257)
     with pytest.raises(ValueError, match="256"):
         make_quantizer("uniform", levels=1000)
-    with pytest.raises(ValueError, match="unknown quantiser"):
+    with pytest.raises(WsicodecError, match="unknown quantiser"):  # the CLI prints it as one line
         make_quantizer("vq")
+    with pytest.raises(WsicodecError, match="uniform"):
+        make_quantizer("int8", levels=64)
     with pytest.raises(RuntimeError, match="fit"):
         make_quantizer("kmeans").quantize(mixture_latents(n=1))
 

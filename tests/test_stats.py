@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 import torch
@@ -31,7 +32,6 @@ def run_cli(*args):
 
 
 def validate(doc: dict) -> None:
-    jsonschema = pytest.importorskip("jsonschema")
     schema = json.loads(SCHEMA.read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     jsonschema.Draft202012Validator(schema).validate(doc)
@@ -75,9 +75,14 @@ def compressed(slides, tiny_model, tmp_path_factory):
     return out, summaries
 
 
-def test_estimate_lands_within_15_percent_of_the_container_compress_writes(slides, tiny_model, compressed):
+@pytest.fixture(scope="module")
+def estimated(slides, tiny_model):
+    return st.estimate([slides / "a.svs", slides / "b.svs"], model=tiny_model, sample=12)
+
+
+def test_estimate_lands_within_15_percent_of_the_container_compress_writes(estimated, slides, compressed):
     _, summaries = compressed
-    report = st.estimate([slides / "a.svs", slides / "b.svs"], model=tiny_model, sample=12)
+    report = estimated
     assert not report.skipped
     for row in report.rows:
         real = summaries[Path(row.path).stem]
@@ -104,8 +109,10 @@ def test_sampling_every_tissue_tile_reproduces_the_container_size(slides, tiny_m
     assert abs(row.projected_bytes / real.container_bytes - 1) < 0.02
 
 
-def test_folder_with_a_corrupt_slide_reports_the_good_ones_and_skips_the_bad(slides, tiny_model_dir):
-    result = run_cli("stats", "--estimate", slides, "--model", tiny_model_dir, "--sample", "4", "--json")
+def test_folder_with_a_corrupt_slide_reports_the_good_ones_and_skips_the_bad(slides, tiny_model_dir, tmp_path):
+    png = tmp_path / "deck.png"
+    result = run_cli("stats", "--estimate", slides, "--model", tiny_model_dir, "--sample", "4", "--json",
+                     "--plot", png)
     assert result.exit_code == st.SKIPPED_EXIT_CODE
     doc = json.loads(result.stdout)
     validate(doc)
@@ -114,44 +121,60 @@ def test_folder_with_a_corrupt_slide_reports_the_good_ones_and_skips_the_bad(sli
     assert doc["skipped"][0]["reason"]
     assert "broken.svs" in result.stderr  # also said where a person reads it
     assert doc["totals"]["slides"] == 2 and doc["totals"]["skipped"] == 1
+    assert_plot_shows_bars(png)
 
 
-def test_missing_file_and_unresolved_slide_are_skipped_with_their_reason(slides, tiny_model, tmp_path):
+def assert_plot_shows_bars(png: Path) -> None:
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert im.format == "PNG"
+        rgb = np.asarray(im.convert("RGB")).astype(int)
+    assert rgb.shape[0] > 400 and rgb.shape[1] > 600
+    # both bar colours are really drawn (grey originals, blue projections)
+    grey = np.all(np.abs(rgb - [0x9E, 0x9E, 0x9E]) < 6, axis=-1).sum()
+    blue = np.all(np.abs(rgb - [0x1F, 0x77, 0xB4]) < 6, axis=-1).sum()
+    assert grey > 500 and blue > 50
+
+
+def test_missing_file_and_unresolved_slide_are_skipped_with_their_reason(tiny_model, tmp_path):
     no_mpp = write_synthetic_slide(tmp_path / "nompp.svs", 768, 768, mpp=None, objective_power=None)
-    report = st.estimate([tmp_path / "gone.svs", no_mpp, slides / "b.svs"], model=tiny_model, sample=4)
+    report = st.estimate([tmp_path / "gone.svs", no_mpp], model=tiny_model, sample=4)
     reasons = {Path(s.path).name: s.reason for s in report.skipped}
     assert "no such file" in reasons["gone.svs"]
     assert "--source-mpp" in reasons["nompp.svs"]
-    assert [r.name for r in report.rows] == ["b.svs"]
-    assert report.exit_code == st.SKIPPED_EXIT_CODE
+    assert report.rows == [] and report.exit_code == st.SKIPPED_EXIT_CODE
     # the same slide with --source-mpp is estimated
     fixed = st.estimate([no_mpp], model=tiny_model, sample=4, source_mpp=0.5)
     assert not fixed.skipped and fixed.rows[0].source_mpp == pytest.approx(0.5)
 
 
-def test_table_csv_and_plot(slides, tiny_model_dir, tmp_path):
-    png = tmp_path / "deck.png"
-    args = ("stats", "--estimate", slides / "a.svs", slides / "b.svs", "--model", tiny_model_dir, "--sample", "4")
-    table = run_cli(*args, "--plot", png, "--price-per-tb-month", "10")
-    assert table.exit_code == 0, table.output
-    assert "a.svs" in table.stdout and "total" in table.stdout and "$10/TB-month" in table.stdout
+def test_table_csv_plot_and_json_of_an_estimate(estimated, tmp_path):
+    from rich.console import Console
 
-    from PIL import Image
+    report = estimated
+    report.price_per_tb_month = 10.0
+    console = Console(record=True, width=200)
+    st.print_table(report, console)
+    text = console.export_text()
+    assert "a.svs" in text and "total (2 slides)" in text and "$10/TB-month" in text
 
-    with Image.open(png) as im:
-        assert im.format == "PNG"
-        rgb = np.asarray(im.convert("RGB"))
-    assert rgb.shape[0] > 400 and rgb.shape[1] > 600
-    # both bar colours are really drawn (grey originals, blue projections)
-    grey = np.all(np.abs(rgb.astype(int) - [0x9E, 0x9E, 0x9E]) < 6, axis=-1).sum()
-    blue = np.all(np.abs(rgb.astype(int) - [0x1F, 0x77, 0xB4]) < 6, axis=-1).sum()
-    assert grey > 500 and blue > 50
-
-    out = run_cli(*args, "--csv")
-    assert out.exit_code == 0, out.output
-    rows = list(csv.DictReader(io.StringIO(out.stdout)))
+    rows = list(csv.DictReader(io.StringIO(report.to_csv())))
     assert [r["path"].rsplit("/", 1)[-1] for r in rows] == ["a.svs", "b.svs", "TOTAL"]
     assert int(rows[2]["projected_bytes"]) == int(rows[0]["projected_bytes"]) + int(rows[1]["projected_bytes"])
+
+    doc = report.to_json()
+    validate(doc)
+    broken = json.loads(json.dumps(doc))
+    del broken["slides"][0]["projected_high"]
+    with pytest.raises(jsonschema.ValidationError):  # the schema really constrains the rows
+        validate(broken)
+    assert doc["price"]["tier"] == "user"
+    assert doc["totals"]["cost_per_year_after"] == pytest.approx(doc["totals"]["after_bytes"] / 1e12 * 120, abs=0.01)
+
+    png = st.plot(report, tmp_path / "p.png")
+    assert_plot_shows_bars(png)
+    report.price_per_tb_month = st.DEFAULT_PRICE_PER_TB_MONTH
 
 
 def test_stats_on_existing_containers_totals_correctly(compressed, slides):
@@ -187,13 +210,17 @@ def test_stats_on_existing_containers_totals_correctly(compressed, slides):
     assert plain.exit_code == 0 and "a.pzarr" in plain.stdout and "total" in plain.stdout
 
 
+@pytest.mark.slow
 def test_cmu1_taef2_estimate_within_15_percent(cmu1_path, taef2_dir, tmp_path):
+    # 1 µm/px (10x) keeps TAEF2's full-resolution convolutions to ~20 tiles on a shared CPU;
+    # benchmarks/bench_stats_estimate.py measures the 0.5 µm/px default on bigger slides
     model = load_model(str(taef2_dir), device="cpu")
-    real = compress(cmu1_path, tmp_path / "cmu.pzarr", model=model)
-    row = st.estimate([cmu1_path], model=model, sample=16).rows[0]
-    assert row.tissue_tiles == real.tissue_tiles > row.sampled_tiles == 16
+    real = compress(cmu1_path, tmp_path / "cmu.pzarr", model=model, target_mpp=1.0)
+    row = st.estimate([cmu1_path], model=model, sample=8, target_mpp=1.0).rows[0]
+    assert row.tissue_tiles == real.tissue_tiles > row.sampled_tiles == 8
     assert abs(row.projected_bytes / real.container_bytes - 1) < 0.15, (row.projected_bytes, real.container_bytes)
-    assert row.model == real.model_id
+    assert row.projected_low <= real.container_bytes <= row.projected_high
+    assert row.model == real.model_id and row.quantizer["kind"] == "kmeans"
 
 
 def test_extrapolation_interval_is_t_based_and_exact_when_everything_is_measured():

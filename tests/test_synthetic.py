@@ -22,6 +22,18 @@ def test_opens_as_aperio_with_resolution_and_levels(synthetic_slide):
         assert p["openslide.level[0].tile-width"] == "256"
 
 
+def test_associated_images_decode(synthetic_slide):
+    from wsicodec.slide import SourceSlide
+
+    with SourceSlide(synthetic_slide) as s:
+        assoc = s.associated_images()
+    assert assoc["thumbnail"].shape == (819, 1024, 3)  # 3000 x 2400 with the long side 1024
+    assert assoc["label"].shape == (400, 380, 3) and assoc["macro"].shape == (431, 1280, 3)
+    assert (assoc["label"] < 50).any()  # the barcode is there
+    thumb = assoc["thumbnail"].astype(int)
+    assert ((thumb[..., 0] - thumb[..., 1]) > 30).mean() > 0.1  # pink tissue in the thumbnail
+
+
 def test_tiff_layout_matches_aperio_conventions(synthetic_slide):
     with tifffile.TiffFile(synthetic_slide) as t:
         pages = t.pages

@@ -110,31 +110,61 @@ def _print_tree(description: dict) -> None:
 def models_(json_out: bool = typer.Option(False, "--json")) -> None:
     """List the autoencoders wsicodec knows and whether their weights are available offline."""
     import json
-    from dataclasses import asdict, is_dataclass
 
-    from .models import list_models
+    from .models.registry import models_table
 
     with _user_errors():
-        specs = list_models()
-    rows = [asdict(s) if is_dataclass(s) else dict(s) for s in specs]
+        rows = models_table()
     if json_out:
         typer.echo(json.dumps(rows, indent=2, default=str))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("id", "class", "source", "description")
+    table = Table()
+    for name in ("id", "f", "c", "offline", "class", "source"):
+        table.add_column(name, no_wrap=True)
+    table.add_column("description")
     for row in rows:
-        table.add_row(str(row.get("id", row.get("model_id", ""))), str(row.get("model_class", row.get("cls", ""))),
-                      str(row.get("hub_id") or row.get("source") or ""), str(row.get("description", "")))
+        table.add_row(row["id"], str(row["f"]), str(row["c"]), "yes" if row["offline"] else "no", row["class"],
+                      str(row["source"]), row["description"])
     Console().print(table)
 
 
 # ---------------------------------------------------------------- restore (restore helper)
 @app.command()
-def restore() -> None:
+def restore(
+    container: Path = typer.Argument(..., help="A .pzarr container."),
+    out: Path = typer.Argument(..., help="Output: a pyramidal .tiff/.svs, or with --region any image (.png, .tif, .jpg)."),
+    region: Optional[tuple[int, int, int, int]] = typer.Option(
+        None, "--region", metavar="X Y W H",
+        help="Restore only this region: X Y in level-0 pixels of the archived resolution, W H in pixels of --level."),
+    level: int = typer.Option(0, "--level", min=0, help="With --region: pyramid level N, a 2**N downsample."),
+    quality: int = typer.Option(90, "--quality", min=1, max=100, help="JPEG quality of the TIFF tiles."),
+    compression: str = typer.Option("jpeg", "--compression", help="TIFF tiles: jpeg | deflate | lzw | zstd (the last three lossless)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Decoder to use instead of the one the container records (registry name or folder)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, mps; default: CUDA, then MPS, then CPU."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Tiles decoded per batch."),
+    force: bool = typer.Option(False, "--force", help="Decode even if the decoder weights differ from the container's record."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (only once the new one is complete)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
     """Restore a viewable pyramidal TIFF (or a region) from a .pzarr container."""
-    raise NotImplementedError
+    from . import restore as _restore
+
+    with _user_errors():
+        if region is not None:
+            x, y, w, h = region
+            _restore.restore_region(container, out, x, y, w, h, level=level, device=device, batch_size=batch_size,
+                                    model=model, force=force, overwrite=overwrite)
+            typer.echo(f"wrote {out} ({w}x{h} px at level {level})")
+            return
+        summary = _restore.restore(container, out, compression=compression, quality=quality, device=device,
+                                   batch_size=batch_size, model=model, force=force, overwrite=overwrite,
+                                   progress=not quiet)
+    levels = " ".join(f"{w}x{h}" for w, h in summary["levels"])
+    typer.echo(f"wrote {out}: levels {levels}, {summary['decoded_tiles']} tiles decoded, "
+               f"{summary['bytes'] / 2**20:.1f} MiB in {summary['seconds']:.1f} s")
 
 
 # ---------------------------------------------------------------- stats (stats helper)
@@ -218,12 +248,13 @@ def eval_(
 ) -> None:
     """Measure fidelity against JPEG, the paper's way (Table 1 + a rate-distortion plot)."""
     from rich.console import Console
+    from rich.markup import escape
 
     from . import evaluate as ev
 
     err = Console(stderr=True)
-    note = (lambda m: None) if quiet else (lambda m: err.print(f"[dim]{m}[/dim]"))
-    warn = lambda m: err.print(f"[yellow]warning:[/yellow] {m}")  # noqa: E731
+    note = (lambda m: None) if quiet else (lambda m: err.print(f"[dim]{escape(m)}[/dim]"))
+    warn = lambda m: err.print(f"[yellow]warning:[/yellow] {escape(m)}")  # noqa: E731
     with _user_errors():
         for p in (csv_out, json_out, markdown, plot):
             if p is not None and not p.parent.exists():
@@ -242,7 +273,8 @@ def eval_(
         report = ev.evaluate(tiles, models=models, quants=quants, jpeg=qualities,
                              embedders=list(embedder) if embedder else list(ev.DEFAULT_EMBEDDERS),
                              device=device, batch_size=batch_size, warn=warn, progress=note)
-        Console().print(report.rich_table())
+        # piped output (logs, CI) gets a wide table rather than rich's 80-column default
+        Console(width=None if sys.stdout.isatty() else 160).print(report.rich_table())
         ev.write_report(report, csv_path=csv_out, json_path=json_out, markdown_path=markdown, plot_path=plot)
         for p in (csv_out, json_out, markdown, plot):
             if p is not None:
@@ -279,6 +311,7 @@ def finetune(
 ) -> None:
     """Fine-tune a model's decoder for pathology (encoder frozen; L1 + PatchGAN + feature matching)."""
     from rich.console import Console
+    from rich.markup import escape
 
     from .finetune import FinetuneConfig, finetune as run
 
@@ -290,7 +323,7 @@ def finetune(
             gan_start=gan_start, quant=quant, latent_noise=latent_noise, crop=crop, target_mpp=mpp,
             images_mpp=images_mpp, slide_mpp=source_mpp, max_tiles=max_tiles, seed=seed,
             checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite, device=device)
-        summary = run(cfg, say=(lambda m: None) if quiet else (lambda m: err.print(f"[dim]{m}[/dim]")),
+        summary = run(cfg, say=(lambda m: None) if quiet else (lambda m: err.print(f"[dim]{escape(m)}[/dim]")),
                       show_progress=not quiet)
     typer.echo(f"wrote {summary['folder']}: model id {summary['id']} ({summary['steps']} steps on "
                f"{summary['tiles']} tiles, {summary['seconds']:.0f} s; use --model {summary['folder']})")
@@ -306,6 +339,7 @@ def train(
     batch_size: int = typer.Option(16, "--batch-size"),
     crop: int = typer.Option(128, "--crop", help="Training crop in pixels, taken from the tiles."),
     lr: float = typer.Option(1e-3, "--lr"),
+    warmup: int = typer.Option(200, "--warmup", help="Linear learning-rate warm-up steps."),
     latent_channels: int = typer.Option(4, "--latent-channels"),
     factor: int = typer.Option(8, "--factor", help="Spatial factor: pixels per latent cell (power of two >= 4)."),
     levels_noise: int = typer.Option(64, "--levels-noise", help="Train with uniform noise of this many quantiser levels (0: none)."),
@@ -322,6 +356,7 @@ def train(
     time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Stop (with a checkpoint) after this many minutes; the LR schedule fits it."),
     ckpt_every: int = typer.Option(500, "--ckpt-every"),
     eval_every: int = typer.Option(250, "--eval-every"),
+    holdout: int = typer.Option(16, "--holdout", help="Tiles held out for the progress bar's PSNR."),
     seed: int = typer.Option(0, "--seed"),
     model_id: Optional[str] = typer.Option(None, "--model-id", help="Id recorded in containers (default local:<folder name>)."),
     extra_data: Optional[list[str]] = typer.Argument(None, hidden=True),
@@ -332,10 +367,10 @@ def train(
 
         cfg = TrainConfig(
             data=list(data) + list(extra_data or []), out=out, steps=steps, batch_size=batch_size, crop=crop,
-            lr=lr, latent_channels=latent_channels, factor=factor, levels_noise=levels_noise,
+            lr=lr, warmup=warmup, latent_channels=latent_channels, factor=factor, levels_noise=levels_noise,
             lpips_weight=lpips_weight, mse_weight=mse_weight, gan_after=gan_after, gan_weight=gan_weight,
             device=device, threads=threads, images_mpp=images_mpp, slide_mpp=slide_mpp, target_mpp=mpp,
-            max_tiles=max_tiles, time_limit_min=time_limit, ckpt_every=ckpt_every, eval_every=eval_every,
+            max_tiles=max_tiles, time_limit_min=time_limit, ckpt_every=ckpt_every, eval_every=eval_every, holdout=holdout,
             seed=seed, model_id=model_id, resume=resume,
         )
         folder = run_training(cfg)

@@ -50,7 +50,8 @@ class Plan:
 def plan(slide: SourceSlide, *, target_mpp: float = 0.5, tile_size: int = 256,
          all_tiles: bool = False, shard_tiles: int = 16) -> Plan:
     grid = slide.grid(target_mpp=target_mpp, tile_size=tile_size)
-    thumbnail = slide.thumbnail()
+    # enough thumbnail pixels per tile for the tissue rule, also on very large slides
+    thumbnail = slide.thumbnail(max(1024, 8 * max(grid.rows, grid.cols)))
     tissue = tissue_tiles(thumbnail, grid)
     if all_tiles:
         tissue = np.ones((grid.rows, grid.cols), dtype=bool)

@@ -16,6 +16,7 @@ OWNER: container helper. Interface:
          coordinates (tile (row, col) starts at cell (row*t/f, col*t/f)); cells outside the mosaic or in
          background tiles come back as the container's background (the stored encoding of a white tile)
     c.read_tile(row, col) -> (C, t/f, t/f) stored values;  c.describe() -> dict;  c.disk_bytes() -> int
+    c.verify() -> int                             # reads every tissue shard; ContainerError if one is damaged
     stored_tile_bytes(stored: np.ndarray) -> int   # bytes one tile costs in a container (same codec + shard index)
 """
 
@@ -133,6 +134,43 @@ def _remove(path: Path) -> None:
             pass
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but not ours
+        return True
+    return True
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Delete leftovers of this output's earlier writers that were killed before they could clean up."""
+    prefix = f".{out.name}.partial-"
+    try:
+        siblings = list(out.parent.iterdir())
+    except OSError:
+        return
+    for p in siblings:
+        if p.name.startswith(prefix):
+            pid = p.name[len(prefix):].split(".")[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                _remove(p)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _pack_zip(src_dir: Path, zip_path: Path) -> None:
     """Pack a finished directory store into one uncompressed zip (its chunks are already zstd)."""
     files = sorted(p for p in src_dir.rglob("*") if p.is_file())
@@ -141,6 +179,21 @@ def _pack_zip(src_dir: Path, zip_path: Path) -> None:
     with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for p in files:
             zf.write(p, p.relative_to(src_dir).as_posix())
+
+
+def _as_rgb(name: str, img: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8; grey is repeated, RGBA is composited on white as OpenSlide's users expect."""
+    a = np.asarray(img)
+    if a.dtype != np.uint8:
+        raise ValueError(f"associated image {name!r} must be uint8, got {a.dtype}")
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    elif a.ndim == 3 and a.shape[2] == 4:
+        alpha = a[:, :, 3:4].astype(np.float32) / 255.0
+        a = np.round(a[:, :, :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+    if a.ndim != 3 or a.shape[2] != 3:
+        raise ValueError(f"associated image {name!r} must be (H, W, 3), got {a.shape}")
+    return np.ascontiguousarray(a)
 
 
 # ------------------------------------------------------------------------------ writer
@@ -157,6 +210,13 @@ class ContainerWriter:
         self.single_file = single_file
         if (self.out_path.exists() or self.out_path.is_symlink()) and not overwrite:
             raise OutputExistsError(f"{self.out_path} already exists (use --overwrite to replace it)")
+        if self.out_path.exists() and overwrite:
+            # --overwrite replaces containers, never a folder or file that merely has the output's name
+            try:
+                Container.open(self.out_path).close()
+            except ContainerError:
+                raise OutputExistsError(f"{self.out_path} exists and is not a .pzarr container; "
+                                        "refusing to replace it even with --overwrite") from None
         if not self.out_path.parent.is_dir():
             raise ContainerError(f"output folder {self.out_path.parent} does not exist")
 
@@ -208,6 +268,7 @@ class ContainerWriter:
         name = self.out_path.name
         self._tmp = self.out_path.parent / f".{name}.partial-{os.getpid()}"
         self._tmp_dir = self._tmp.with_name(self._tmp.name + ".dir") if single_file else self._tmp
+        _remove_stale_partials(self.out_path)
         for p in (self._tmp, self._tmp_dir):
             _remove(p)
         try:
@@ -236,13 +297,12 @@ class ContainerWriter:
         if self.associated:
             grp = self._root.create_group("associated")
             for name, img in self.associated.items():
-                img = np.ascontiguousarray(img, dtype=np.uint8)
-                if img.ndim != 3 or img.shape[2] != 3:
-                    raise ValueError(f"associated image {name!r} must be (H, W, 3) uint8, got {img.shape}")
+                img = _as_rgb(name, img)
                 a = grp.create_array(name, shape=img.shape, dtype="uint8", chunks=img.shape,
                                      compressors=ZstdCodec(level=ZSTD_LEVEL), fill_value=0,
                                      chunk_key_encoding=CHUNK_KEY_ENCODING,
-                                     dimension_names=["y", "x", "rgb"])
+                                     dimension_names=["y", "x", "rgb"],
+                                     config={"write_empty_chunks": True})
                 a[...] = img
 
     def _small_array(self, name: str, data: np.ndarray, dims: list[str]) -> None:
@@ -333,6 +393,7 @@ class ContainerWriter:
                 shutil.rmtree(self._tmp_dir)
             _fsync_tree(self._tmp)
             self._move_into_place()
+            _fsync_dir(self.out_path.parent)
         except BaseException:
             self.abort()
             raise
@@ -606,6 +667,22 @@ class Container:
         tl = self.tile_cells
         return self.read_latents(row * tl, col * tl, (row + 1) * tl, (col + 1) * tl)
 
+    def verify(self) -> int:
+        """Read every shard that holds tissue (checking each index's CRC-32C and each chunk's zstd frame).
+
+        Returns the number of tissue tiles read; raises ContainerError at the first damaged shard.
+        """
+        s = int(self.attrs.get("layout", {}).get("shard_tiles") or SHARD_TILES)
+        tl = self.tile_cells
+        rr, cc = np.nonzero(self.tissue)
+        for i, j in sorted(set(zip((rr // s).tolist(), (cc // s).tolist()))):
+            try:
+                self._latents[:, i * s * tl:(i + 1) * s * tl, j * s * tl:(j + 1) * s * tl]
+            except Exception as exc:
+                raise ContainerError(f"corrupt latent shard ({i}, {j}) in {self.path} "
+                                     f"({type(exc).__name__}: {exc})") from None
+        return int(len(rr))
+
     def associated_images(self) -> dict[str, np.ndarray]:
         if "associated" not in self._root:
             return {}
@@ -640,7 +717,8 @@ class Container:
             "created": a.get("created"),
             "tool": a.get("tool"),
             "model": {k: a.get("model", {}).get(k) for k in
-                      ("id", "class", "latent_channels", "spatial_factor", "weights_sha256", "decoder_sha256")},
+                      ("id", "class", "latent_channels", "spatial_factor", "latent_range", "weights_sha256",
+                       "decoder_sha256", "source")},
             "quantizer": {
                 "kind": q.get("kind"),
                 "levels": q.get("levels"),
@@ -655,7 +733,8 @@ class Container:
             "tiles": {"tissue": tissue, "total": int(tiles.get("total", self.rows * self.cols)),
                       "rows": self.rows, "cols": self.cols},
             "latent_shape": list(self._latents.shape),
-            "source": {k: src.get(k) for k in ("filename", "size", "sha256", "vendor")},
+            "source": {**{k: src.get(k) for k in ("filename", "size", "sha256", "vendor")},
+                       "property_count": len(src.get("properties") or {})},
             "container_bytes": disk,
             "latents_bytes": self.latents_bytes(),
             "bytes_per_tissue_tile": (disk / tissue) if tissue else None,

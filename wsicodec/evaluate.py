@@ -49,6 +49,8 @@ def parse_jpeg_qualities(text: str | Iterable[int] | None) -> list[int]:
     for item in items:
         if item == "" or item is None:
             continue
+        if isinstance(item, bool):
+            raise WsicodecError(f"JPEG quality must be an integer, not {item!r}")
         try:
             q = int(item)
         except ValueError:
@@ -68,6 +70,8 @@ def parse_quants(text: str | Iterable[str] | None) -> list[tuple[str, int | None
     items = [s.strip() for s in text.split(",")] if isinstance(text, str) else list(text)
     out: list[tuple[str, int | None]] = []
     for item in items:
+        if isinstance(item, tuple):  # already parsed
+            item = quant_label(*item)
         if not item:
             continue
         kind, _, lv = item.partition(":")
@@ -391,9 +395,15 @@ def evaluate(
     if batch_size < 1:
         raise WsicodecError("--batch-size must be at least 1")
     dev = pick_device(str(device) if device else None)
-    quant_list = parse_quants(quants) if quants is None or isinstance(quants, str) else list(quants)
-    jpeg_list = parse_jpeg_qualities(jpeg) if jpeg is None or isinstance(jpeg, str) else list(jpeg)
+    quant_list = parse_quants(quants)
+    jpeg_list = parse_jpeg_qualities(jpeg)
 
+    from .embeddings import SPECS
+
+    embedders = list(embedders)
+    unknown = [e for e in embedders if e not in SPECS]
+    if unknown:  # a typo is an error, unlike a model that is merely unavailable here
+        raise WsicodecError(f"unknown embedder {unknown[0]!r}; choose from {', '.join(SPECS)}")
     notes: list[str] = []
     loaded = []
     for name in dict.fromkeys(embedders):

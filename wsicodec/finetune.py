@@ -81,19 +81,24 @@ def _dataset_key(cfg: FinetuneConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _decoder_of(model) -> torch.nn.Module:
+def _decoder_of(model) -> torch.nn.ModuleDict:
+    """The decoder-side modules that get trained (the decoder, plus a KL model's post_quant_conv)."""
     try:
         mods = model.modules_for_training()
     except (AttributeError, NotImplementedError):
         mods = {}
-    dec = mods.get("decoder") if isinstance(mods, dict) else None
+    mods = mods if isinstance(mods, dict) else {}
+    dec = mods.get("decoder")
     if dec is None:
         dec = getattr(model, "decoder", None)
     if dec is None and isinstance(getattr(model, "net", None), torch.nn.Module):  # builtin CodecNet
         dec = getattr(model.net, "decoder", None)
     if not isinstance(dec, torch.nn.Module):
         raise WsicodecError(f"model {model.info.model_id} does not expose its decoder for fine-tuning")
-    return dec
+    parts = {"decoder": dec}
+    if isinstance(mods.get("post_quant_conv"), torch.nn.Module):
+        parts["post_quant_conv"] = mods["post_quant_conv"]
+    return torch.nn.ModuleDict(parts)
 
 
 def _base_id(model_id: str) -> str:
@@ -125,6 +130,11 @@ def _check_config(cfg: FinetuneConfig) -> None:
         raise WsicodecError("loss weights must be non-negative and not all zero")
     if not cfg.data:
         raise WsicodecError("--data needs at least one slide, image or folder")
+    from .embeddings import SPECS
+
+    unknown = [e for e in cfg.fm if e not in SPECS]
+    if cfg.w_fm > 0 and (unknown or not cfg.fm):
+        raise WsicodecError(f"unknown --fm embedder {(unknown or [''])[0]!r}; choose from {', '.join(SPECS)}")
 
 
 def _prepare_out(cfg: FinetuneConfig) -> tuple[Path, Path]:
@@ -138,13 +148,24 @@ def _prepare_out(cfg: FinetuneConfig) -> tuple[Path, Path]:
     elif out.exists() and any(out.iterdir()):
         if not cfg.overwrite:
             raise OutputExistsError(f"output folder exists: {out} (use --resume to continue, --overwrite to replace)")
-        shutil.rmtree(out)
     elif cfg.resume:
         raise WsicodecError(f"--resume: {out} does not exist")
     if not out.parent.exists():
         raise WsicodecError(f"parent folder does not exist: {out.parent}")
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
     return out, ckpt_dir
+
+
+def _create_out(cfg: FinetuneConfig, out: Path, ckpt_dir: Path) -> None:
+    """Only once inputs and model have been checked: a failed start leaves nothing behind."""
+    if not cfg.resume and out.exists() and any(out.iterdir()) and cfg.overwrite:
+        # keep the encoded-tile cache: it is keyed by model and data, and costs minutes on CPU
+        for item in out.iterdir():
+            if item.name != CKPT_DIR:
+                shutil.rmtree(item) if item.is_dir() else item.unlink()
+        for item in ckpt_dir.iterdir() if ckpt_dir.is_dir() else ():
+            if item.name != DATA_CACHE:
+                shutil.rmtree(item) if item.is_dir() else item.unlink()
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -221,6 +242,10 @@ def finetune(cfg: FinetuneConfig, say: Callable[[str], None] | None = None, show
     if cfg.crop and cfg.crop > cfg.tile_size:
         raise WsicodecError("--crop cannot exceed the tile size")
     out, ckpt_dir = _prepare_out(cfg)
+    if not cfg.resume:  # absolute paths, so that --resume works from any working directory
+        cfg.data = [str(Path(d).resolve()) if Path(d).exists() else str(d) for d in cfg.data]
+        if cfg.model and Path(cfg.model).expanduser().is_dir():
+            cfg.model = str(Path(cfg.model).expanduser().resolve())
     ckpt_path = ckpt_dir / CKPT_NAME
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if cfg.resume else None
     if ckpt is not None:
@@ -228,6 +253,9 @@ def finetune(cfg: FinetuneConfig, say: Callable[[str], None] | None = None, show
         saved = ckpt["config"]
         for k in ("model", "data", "quant", "tile_size", "target_mpp", "images_mpp", "max_tiles", "seed"):
             setattr(cfg, k, saved[k])
+    from .data import expand_inputs
+
+    expand_inputs(cfg.data)  # missing inputs fail before anything is written
     dev = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.model, device=str(dev))
@@ -237,6 +265,7 @@ def finetune(cfg: FinetuneConfig, say: Callable[[str], None] | None = None, show
         raise WsicodecError(f"--crop must be a multiple of the model's spatial factor {f}")
     lo, hi = model.info.input_range
     decoder = _decoder_of(model)
+    _create_out(cfg, out, ckpt_dir)
 
     tiles, latents, qjson, step_size = _load_training_data(cfg, model, ckpt_dir, say)
 
@@ -271,9 +300,6 @@ def finetune(cfg: FinetuneConfig, say: Callable[[str], None] | None = None, show
             "opt_d": opt_d.state_dict() if opt_d is not None else None,
             "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "history": history,
         }, ckpt_path)
-
-    def to_model_range(x01: torch.Tensor) -> torch.Tensor:
-        return x01 * (hi - lo) + lo
 
     n = len(tiles)
     t0 = time.time()
@@ -314,8 +340,8 @@ def finetune(cfg: FinetuneConfig, say: Callable[[str], None] | None = None, show
                     ld.backward()
                     opt_d.step()
                     losses["disc"] = ld
-                vals = {k: float(v) for k, v in losses.items()}
-                vals["total"] = float(total)
+                vals = {k: float(v.detach()) for k, v in losses.items()}
+                vals["total"] = float(total.detach())
                 for k, v in vals.items():  # smoothed for display
                     avg[k] = v if k not in avg else 0.9 * avg[k] + 0.1 * v
                 history.append({"step": step + 1, **vals})

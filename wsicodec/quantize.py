@@ -21,6 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import WsicodecError
+
+
+class QuantizerError(WsicodecError, ValueError):
+    """A bad quantiser choice (kind, level count): the user's input, reported as one line."""
+
+
 KINDS = ("kmeans", "uniform", "int8", "none")
 MAX_LEVELS = 256  # indices are uint8
 
@@ -30,7 +37,10 @@ DEFAULT_INT8_RANGE = (-8.0, 8.0)
 
 # Histogram resolution for the 1-D k-means fit and the percentiles of the robust range.
 _HIST_BINS = 65536
-_ROBUST_PCT = (0.1, 99.9)
+_ROBUST_PCT = (0.1, 99.9)  # k-means starts from levels evenly spaced over this range, then moves them
+# uniform levels stay where they start: clipping the tails costs more than a wider step (measured on TAEF2
+# latents: 0.01-99.99 % gives 3.6x lower error than 0.1-99.9 % at 256 levels, and 4 % fewer bytes)
+_UNIFORM_PCT = (0.01, 99.99)
 _LLOYD_MAX_ITERS = 2000
 # One shared codebook by default. Measured on TAEF2 latents of CMU-1 (benchmarks/bench_quantizers.py,
 # codebooks fitted on half the tiles, measured on the other half): per-channel K-means-256 has 19 % lower
@@ -124,9 +134,9 @@ class Quantizer:
     def __init__(self, kind: str, levels: int = 256, *, per_channel: bool = False,
                  range_: tuple[float, float] | None = None, codebook: np.ndarray | None = None):
         if kind not in KINDS:
-            raise ValueError(f"unknown quantiser {kind!r}; choose one of {', '.join(KINDS)}")
+            raise QuantizerError(f"unknown quantiser {kind!r}; choose one of {', '.join(KINDS)}")
         if kind != "none" and not (2 <= int(levels) <= MAX_LEVELS):
-            raise ValueError(f"levels must be between 2 and {MAX_LEVELS} (uint8 indices), got {levels}")
+            raise QuantizerError(f"levels must be between 2 and {MAX_LEVELS} (uint8 indices), got {levels}")
         self.kind = kind
         self.levels = int(levels) if kind != "none" else 0
         self.per_channel = bool(per_channel) if kind != "none" else False
@@ -163,7 +173,7 @@ class Quantizer:
             books = []
             for g in groups:
                 h = _Histogram(g)
-                lo, hi = h.percentile(_ROBUST_PCT[0]), h.percentile(_ROBUST_PCT[1])
+                lo, hi = h.percentile(_UNIFORM_PCT[0]), h.percentile(_UNIFORM_PCT[1])
                 if hi <= lo:
                     lo, hi = h.lo, max(h.hi, h.lo + 1e-6)
                 books.append(np.linspace(lo, hi, self.levels, dtype=np.float64).astype(np.float32))
@@ -276,12 +286,12 @@ def make_quantizer(kind: str = "kmeans", levels: int = 256, latent_range: tuple[
                    *, per_channel: bool | None = None, model_info: Any = None) -> Quantizer:
     """Build a quantiser. ``latent_range`` (or ``model_info.latent_range``) fixes int8's range."""
     if kind not in KINDS:
-        raise ValueError(f"unknown quantiser {kind!r}; choose one of {', '.join(KINDS)}")
+        raise QuantizerError(f"unknown quantiser {kind!r}; choose one of {', '.join(KINDS)}")
     if latent_range is None and model_info is not None:
         latent_range = getattr(model_info, "latent_range", None)
     if kind == "int8":
         if levels != 256:
-            raise ValueError("int8 is the static 256-level baseline; use --quant uniform for other level counts")
+            raise QuantizerError("int8 is the static 256-level baseline; use --quant uniform for other level counts")
         lo, hi = latent_range if latent_range else DEFAULT_INT8_RANGE
         table = np.linspace(lo, hi, 256, dtype=np.float64).astype(np.float32)[None, :]
         return Quantizer("int8", 256, range_=(float(lo), float(hi)), codebook=table)

@@ -93,9 +93,18 @@ class TileDecoder:
                 out.append(np.ascontiguousarray(tile[crop : crop + t, crop : crop + t]))
         return out
 
+    def _read(self, r0: int, c0: int, r1: int, c1: int) -> np.ndarray:
+        try:
+            return self.container.read_latents(r0, c0, r1, c1)
+        except WsicodecError:
+            raise
+        except Exception as exc:  # a truncated or corrupt shard surfaces only when read
+            msg = " ".join(str(exc).split()) or type(exc).__name__
+            raise ContainerError(f"damaged container: cannot read latents {r0}:{r1}, {c0}:{c1} ({msg})") from None
+
     def _latents_for(self, row: int, col: int) -> np.ndarray:
         n, h = self.cells, self.halo
-        return self.container.read_latents(row * n - h, col * n - h, (row + 1) * n + h, (col + 1) * n + h)
+        return self._read(row * n - h, col * n - h, (row + 1) * n + h, (col + 1) * n + h)
 
     def decode(self, coords: Sequence[tuple[int, int]]) -> list[np.ndarray]:
         """Decode tissue tiles (no cache involved); background tiles come back white."""
@@ -147,7 +156,7 @@ class TileDecoder:
             cols = [c for c in range(self.cols) if not self.is_background(row, c)]
             if cols:
                 c0, c1 = cols[0], cols[-1] + 1
-                band = self.container.read_latents(row * n - h, c0 * n - h, (row + 1) * n + h, c1 * n + h)
+                band = self._read(row * n - h, c0 * n - h, (row + 1) * n + h, c1 * n + h)
                 for i in range(0, len(cols), self.batch_size):
                     chunk = cols[i : i + self.batch_size]
                     stored = [band[:, :, (c - c0) * n : (c - c0 + 1) * n + 2 * h] for c in chunk]
@@ -439,7 +448,7 @@ def restore(
             associated=associated,
             compression=compression,
             quality=quality,
-            on_level=lambda level, wh: bar.describe(f"writing level {level + 1}"),
+            on_level=lambda level, wh: bar.describe(f"wrote level {level} ({wh[0]}x{wh[1]})"),
         )
     return {
         "output": str(out_path),

@@ -10,6 +10,7 @@ OWNER: slide helper. Interface (others rely on it; change only by agreement):
     slide.thumbnail(max_size=1024) -> np.uint8 (h, w, 3)          # covers exactly the grid's area
     slide.associated_images() -> dict[str, np.ndarray]            # "label", "macro", "thumbnail"
     slide.properties -> dict[str, str]; slide.mpp; slide.objective_power; slide.mpp_source
+    slide.dimensions; slide.bounds (level-0 x, y, w, h archived); slide.path; slide.close(); `with`
 
 Resolution and resampling rules
 -------------------------------
@@ -19,7 +20,9 @@ Resolution and resampling rules
   target (within ``MPP_TOLERANCE``).  When that level's µm/px matches the target within the tolerance
   (CMU-1's 0.499 for 0.5) its pixels are archived 1:1, untouched; ``grid.scale`` is then the level's
   downsample and the archived pixels are really ``source_mpp * scale`` µm wide (``grid.actual_mpp``).
-  Otherwise the region is area-averaged (PIL's BOX filter with a fractional box) to the target.
+  Otherwise the region is area-averaged to the target: PIL's ``reduce`` for an aligned integer
+  factor (40x read at 20x: the exact 2x2 mean), else its BOX filter over a fractional box.  A target
+  finer than the slide is interpolated (bilinear); it is allowed, not useful.
 * The archived area is ``openslide.bounds-x/y/width/height`` when the slide records them, else the
   whole level 0.
 """
@@ -27,7 +30,6 @@ Resolution and resampling rules
 from __future__ import annotations
 
 import math
-import os
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +45,7 @@ from .errors import SlideError
 
 MPP_TOLERANCE = 0.02
 # Largest region (level pixels per side) read in one go when building a thumbnail.
-_THUMB_READ_SIDE = 4096
+_THUMB_READ_SIDE = 2048
 
 
 @dataclass(frozen=True)
@@ -117,19 +119,21 @@ def _positive_float(value) -> float | None:
     return v if math.isfinite(v) and v > 0 else None
 
 
-def _rgba_to_rgb(img: Image.Image) -> np.ndarray:
-    """Composite on white (alpha 0 = outside the slide or a missing tile)."""
+def _on_white(img: Image.Image) -> Image.Image:
+    """RGB image composited on white (alpha 0 = outside the slide or a missing tile). Stays in PIL:
+    numpy round trips of a 512 px RGBA region cost more than OpenSlide's own decoding."""
     if img.mode == "RGB":
-        return np.asarray(img, dtype=np.uint8)
+        return img
     if img.mode != "RGBA":
         img = img.convert("RGBA")
-    a = np.asarray(img, dtype=np.uint8)
-    alpha = a[..., 3:4]
-    if alpha.min() == 255:
-        return np.ascontiguousarray(a[..., :3])
-    # OpenSlide returns non-premultiplied RGBA
-    rgb = a[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha.astype(np.uint16))
-    return ((rgb + 127) // 255).astype(np.uint8)
+    if img.getchannel("A").getextrema()[0] == 255:
+        return img.convert("RGB")
+    # OpenSlide returns non-premultiplied RGBA, which is what alpha_composite expects
+    return Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img).convert("RGB")
+
+
+def _rgba_to_rgb(img: Image.Image) -> np.ndarray:
+    return np.asarray(_on_white(img), dtype=np.uint8)
 
 
 def bounds_from_properties(props: dict, dimensions: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -159,6 +163,11 @@ class SourceSlide:
             raise SlideError(f"slide not found: {self.path}")
         if not self.path.is_file():
             raise SlideError(f"not a file: {self.path}")
+        given_mpp = None
+        if source_mpp is not None:
+            given_mpp = _positive_float(source_mpp)
+            if given_mpp is None:
+                raise SlideError(f"--source-mpp must be a positive number of µm per pixel, got {source_mpp!r}")
         self._lock = threading.Lock()
         self._generation = 0
         self._osr = self._open()
@@ -170,11 +179,8 @@ class SourceSlide:
         self.level_downsamples = [float(d) for d in self._osr.level_downsamples]
         self.objective_power: float | None = _positive_float(props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
 
-        if source_mpp is not None:
-            mpp = _positive_float(source_mpp)
-            if mpp is None:
-                raise SlideError(f"--source-mpp must be a positive number of µm per pixel, got {source_mpp!r}")
-            self.mpp, self.mpp_source = mpp, "--source-mpp"
+        if given_mpp is not None:
+            self.mpp, self.mpp_source = given_mpp, "--source-mpp"
         else:
             mx = _positive_float(props.get(openslide.PROPERTY_NAME_MPP_X))
             my = _positive_float(props.get(openslide.PROPERTY_NAME_MPP_Y))
@@ -297,11 +303,17 @@ class SourceSlide:
             ix, iy = int(round(lx)), int(round(ly))
             img = self._read_region((int(round(ix * ds)), int(round(iy * ds))), level, (w, h))
             return _rgba_to_rgb(img)
+        k = int(round(f))
+        if k >= 2 and abs(f - k) <= 1e-9 and abs(lx - round(lx)) <= 1e-6 and abs(ly - round(ly)) <= 1e-6:
+            # an aligned integer factor (40x read at 20x): PIL's reduce is the same mean, 4x faster
+            ix, iy = int(round(lx)), int(round(ly))
+            img = self._read_region((int(round(ix * ds)), int(round(iy * ds))), level, (w * k, h * k))
+            return np.asarray(_on_white(img).reduce(k), dtype=np.uint8)
         lw, lh = w * f, h * f
         ix0, iy0 = int(math.floor(lx)), int(math.floor(ly))
         ix1, iy1 = int(math.ceil(lx + lw - 1e-9)), int(math.ceil(ly + lh - 1e-9))
         img = self._read_region((int(round(ix0 * ds)), int(round(iy0 * ds))), level, (ix1 - ix0, iy1 - iy0))
-        rgb = Image.fromarray(_rgba_to_rgb(img))
+        rgb = _on_white(img)
         sub = (lx - ix0, ly - iy0, lx - ix0 + lw, ly - iy0 + lh)
         if f > 1:
             out = rgb.resize((w, h), Image.BOX, box=sub)

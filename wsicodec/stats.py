@@ -400,7 +400,7 @@ def estimate_slide(slide_path: Path, autoencoder, *, quant: str | None = None, l
         latents = cmp.fit_quantizer(quantizer, autoencoder, slide, layout.grid, layout.coords,
                                     sample_tiles=sample, seed=seed, batch_size=batch_size, workers=read_workers)
         coords = list(latents)
-        stored = quantizer.quantize(torch_stack([latents[c] for c in coords])) if coords else []
+        stored = quantizer.quantize(_stack([latents[c] for c in coords])) if coords else []
         tile_bytes = [int(stored_tile_bytes(s)) for s in stored]
         background = quantizer.quantize(cmp.white_tile_latents(autoencoder, tile_size))[0]
 
@@ -459,7 +459,7 @@ def _overhead(written: int, tile_bytes: Sequence[int], sampled: Sequence[tuple[i
     return max(0, int(fixed + shards_full * index - entry * len(tissue)))
 
 
-def torch_stack(tensors):
+def _stack(tensors):
     import torch
 
     return torch.stack(tensors)

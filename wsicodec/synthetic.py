@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-# optical-density vectors (Ruifrok & Johnston's haematoxylin) (per unit stain concentration, log10 units)
+# stain optical densities per unit concentration (log10 units); haematoxylin from Ruifrok & Johnston
 _OD_H = np.array([0.65, 0.70, 0.29], dtype=np.float32)
 _OD_E = np.array([0.13, 0.85, 0.48], dtype=np.float32)  # pinker than Ruifrok's (0.07, 0.99, 0.11)
 _INK = {  # optical densities of common slide-marker inks (absorb what the ink is not)
@@ -68,15 +68,16 @@ def _lattice(g: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
     return i0 - base, t * t * (3 - 2 * t), base, int(i0.max()) - base + 2
 
 
-def _noise(xs: np.ndarray, ys: np.ndarray, cell: float, salt: int) -> np.ndarray:
-    """Value noise in [-1, 1] on the grid xs (columns) x ys (rows), lattice spacing ``cell``.
+def _noise(xs: np.ndarray, ys: np.ndarray, cell: float, salt: int, cell_y: float | None = None) -> np.ndarray:
+    """Value noise in [-1, 1] on the grid xs (columns) x ys (rows), lattice spacing ``cell``
+    (``cell_y`` down the rows when it differs: stretched noise draws fibres).
 
     Interpolation is separable: blend lattice columns first (ny x nx -> ny x w, small), then whole
     rows (contiguous copies).  Gathers rather than BLAS: exact whatever the tile split (so tiles join
     seamlessly), and a threaded BLAS on tiny matrices spends more time waking threads than working.
     """
     ix, tx, bx, nx = _lattice(xs / cell)
-    iy, ty, by, ny = _lattice(ys / cell)
+    iy, ty, by, ny = _lattice(ys / (cell_y or cell))
     gx = np.arange(bx, bx + nx)
     gy = np.arange(by, by + ny)
     v = _hash01(gx[None, :], gy[:, None], salt) * 2 - 1
@@ -144,11 +145,11 @@ class _Painter:
         xu, yu = xs * um, ys * um  # µm
         pix = ds * um  # µm per output pixel
 
-        def noise(cell_um, salt):
+        def noise(cell_um, salt, cell_y=None):
             # features much smaller than a pixel average out to their mean (0)
-            if cell_um < 1.5 * pix:
+            if min(cell_um, cell_y or cell_um) < 1.5 * pix:
                 return np.zeros((h, w), dtype=np.float32)
-            return _noise(xu, yu, cell_um, self.seed * 101 + salt)
+            return _noise(xu, yu, cell_um, self.seed * 101 + salt, cell_y)
 
         zero = np.zeros((h, w), dtype=np.float32)
         a_e = a_h = ink = zero
@@ -166,12 +167,22 @@ class _Painter:
             alpha = np.clip((shape - 0.25) / edge, 0, 1)
             holes = noise(70.0, 3) + 0.3 * noise(20.0, 4)
             alpha *= 1 - np.clip((holes - 0.55) / 0.08, 0, 1)
-            # eosin: stroma density varies over tens of µm, fibres over a few
-            c_e = 0.22 + 0.07 * noise(35.0, 5) + 0.05 * noise(6.0, 6) + 0.025 * noise(2.0, 7)
+            # eosin: stroma density varies over tens of µm; collagen fibres are long and thin
+            # (stretched noise; which way they run changes from patch to patch)
+            way = np.clip(0.5 + 2.0 * noise(120.0, 13), 0, 1)
+            fibres = way * noise(1.6, 6, cell_y=16.0) + (1 - way) * noise(16.0, 10, cell_y=1.6)
+            c_e = 0.22 + 0.07 * noise(35.0, 5) + 0.07 * fibres + 0.025 * noise(2.0, 7)
             c_h = 0.05 + 0.025 * noise(25.0, 8)
             density = np.clip(0.45 + 0.5 * noise(150.0, 9), 0.05, 1)
-            c_h += self._nuclei(xu, yu, pix, density)
+            nuclei = self._nuclei(xu, yu, pix, density)
+            nuclei *= 1 + 0.35 * noise(0.9, 11)  # chromatin
+            c_h += nuclei
             a_e, a_h = alpha * c_e, alpha * c_h
+            if ds < 2:  # grain of the stained section, per pixel (level 0 and close to it only)
+                col = np.floor(xs / ds).astype(np.int64)
+                row = np.floor(ys / ds).astype(np.int64)
+                grain = (_hash01(col[None, :], row[:, None], self.seed * 101 + 12) - 0.5) * 0.04
+                a_e = a_e + alpha * grain
         if pen:
             wave = self.pen_y + self.pen_amp * np.sin(xs / self.width * 2 * math.pi * 1.5 + self.seed)
             d = np.abs(ys[:, None] - wave[None, :]) / self.pen_halfwidth

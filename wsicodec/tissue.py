@@ -5,20 +5,28 @@ OWNER: slide helper. Interface:
     tissue_tiles(thumbnail: np.ndarray, grid: TileGrid, min_fraction: float = 0.05) -> np.ndarray[bool] (rows, cols)
     tissue_pixels(thumbnail) -> np.ndarray[bool] (h, w)        # the per-pixel mask behind it
 
-Per pixel, tissue is what is *stained*: HSV saturation above an Otsu threshold (clamped so that a
-blank slide's glass noise, or an all-tissue slide's pale stroma, doesn't move it to absurd places),
-or clearly darker than the glass while still somewhat coloured.  Then a colour rule removes what H&E
-does not produce:
+Per pixel, tissue is what is *stained*: HSV saturation (smoothed 3x3) above an Otsu threshold, or
+clearly darker than the glass (45 grey levels below its 98th-percentile brightness) while still
+somewhat coloured.  The Otsu threshold is clamped to [0.08, 0.2] so that a blank slide's glass noise
+cannot pull it down and an all-tissue thumbnail cannot push it up between pale and dark stain; if
+the class below it is itself stained (no glass to speak of), it falls to 0.08.
 
-* green and blue marker ink: green brighter than red (both H&E stains absorb green more than red,
-  so stained tissue always has G < R);
-* red marker ink: saturated red with green and blue both low and about equal (eosin is pink: its blue
-  stays well above its green).  Fresh blood can look like this too; it is rarely a whole tile;
-* black ink, glass edges, dust and folds seen edge-on: near-black with little colour.
+Then a colour rule removes what H&E does not produce, before the thresholds are computed:
 
-Ink is dilated a little so its anti-aliased rim does not read as faint tissue, and a small opening /
-closing removes isolated specks and joins ragged edges.  A tile holds tissue when at least
-``min_fraction`` of its footprint on the thumbnail is tissue.
+* green and blue marker ink: green brighter than red by 8+ (both H&E stains absorb green more than
+  red, so stained tissue has G < R).  A strongly blue-shifted scanner could trip this on
+  haematoxylin; ``--all-tiles`` is the escape hatch;
+* red marker ink: saturated red with green and blue both low and about equal (eosin is pink: its
+  blue stays well above its green).  Fresh blood can look like this; it is rarely a whole tile;
+* black ink, coverslip and glass edges, dust, folds seen edge-on: near-black with little colour.
+
+Ink is dilated by two pixels so its anti-aliased rim does not read as faint tissue, and a 2x2
+opening plus 3x3 closing remove isolated specks and join ragged edges.  Tissue under ink is lost
+(it is usually the pathologist's outline, not the tissue).  Not caught: ink overlaps that come out
+dark purple (red over black reads as haematoxylin, histolab's ``no-tissue-red-pen.png``).
+
+A tile holds tissue when at least ``min_fraction`` of its footprint on the thumbnail is tissue.  The
+thumbnail should give a tile a few pixels: ``slide.thumbnail(max(1024, 8 * max(grid.rows, grid.cols)))``.
 """
 
 from __future__ import annotations

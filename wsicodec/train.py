@@ -65,6 +65,7 @@ class TrainConfig:
     ckpt_every: int = 500
     eval_every: int = 250
     time_limit_min: float | None = None
+    stop_at: int | None = None  # stop with a checkpoint at this step, as an interruption would
     seed: int = 0
     device: str | None = None
     threads: int | None = None
@@ -312,7 +313,7 @@ def train(cfg: TrainConfig, progress: bool = True, log: Callable[[str], None] | 
     try:
         with bar:
             task = bar.add_task("train", total=cfg.steps, completed=step, info="")
-            while step < cfg.steps and not stop.requested:
+            while step < cfg.steps and not stop.requested and (cfg.stop_at is None or step < cfg.stop_at):
                 elapsed = elapsed_before + time.monotonic() - started
                 lr = _lr_at(step, cfg, elapsed)
                 for g in opt.param_groups:

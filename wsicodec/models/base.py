@@ -16,11 +16,32 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import ModelError
 
-def pick_device(requested: str | None = None) -> torch.device:
-    """CUDA, then MPS, then CPU; ``requested`` ("cpu", "cuda", "cuda:1", "mps") overrides."""
+
+def pick_device(requested: str | torch.device | None = None) -> torch.device:
+    """CUDA, then MPS, then CPU; ``requested`` ("cpu", "cuda", "cuda:1", "mps") overrides.
+
+    A device that does not exist here is a one-line :class:`ModelError`, not a later CUDA crash."""
+    if isinstance(requested, torch.device):
+        return requested
     if requested:
-        return torch.device(requested)
+        try:
+            device = torch.device(requested)
+        except (RuntimeError, ValueError):
+            raise ModelError(f"unknown --device {requested!r} (use cpu, cuda, cuda:N or mps)") from None
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ModelError(f"--device {requested}: CUDA is not available on this machine")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise ModelError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) here")
+        elif device.type == "mps":
+            mps = getattr(torch.backends, "mps", None)
+            if mps is None or not mps.is_available():
+                raise ModelError(f"--device {requested}: MPS is not available on this machine")
+        elif device.type != "cpu":
+            raise ModelError(f"unsupported --device {requested!r} (use cpu, cuda, cuda:N or mps)")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     mps = getattr(torch.backends, "mps", None)

@@ -61,6 +61,9 @@ class ResBlock(nn.Module):
         self.conv1 = nn.Conv2d(c, c, 3, padding=1)
         self.conv2 = nn.Conv2d(c, c, 3, padding=1)
         self.act = nn.ReLU(inplace=True)
+        # start as identity: the net trains as a shallow one first, which matters on few CPU steps
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.conv2(self.act(self.conv1(x)))
@@ -242,12 +245,13 @@ def load_builtin_folder(path: str | Path, device: str | None = None) -> BuiltinA
         raise ModelError(f"{manifest_path} describes architecture {manifest.get('architecture')!r}, not 'builtin'")
     weights = folder / manifest.get("weights", WEIGHTS_NAME)
     net = net_from_file(weights)
-    model_id = manifest.get("model_id") or f"local:{folder.name}"
+    model_id = manifest.get("id") or manifest.get("model_id") or f"local:{folder.resolve().name}"
     return BuiltinAutoencoder(net, model_id=model_id, device=device, source=str(folder))
 
 
 def save_builtin_folder(net: CodecNet, path: str | Path, *, model_id: str | None = None,
-                        extra: dict[str, Any] | None = None, fp16: bool = False) -> Path:
+                        extra: dict[str, Any] | None = None, fp16: bool = False, description: str = "",
+                        base: str | None = None) -> Path:
     """Write (or update) a model folder that ``--model DIR`` loads.
 
     Other files in the folder (e.g. training checkpoints) are left alone. Weights are renamed into
@@ -255,11 +259,16 @@ def save_builtin_folder(net: CodecNet, path: str | Path, *, model_id: str | None
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     save_weights(net, folder / WEIGHTS_NAME, fp16=fp16)
+    from datetime import datetime, timezone
+
     manifest = {
         "format": "wsicodec-model",
         "format_version": 1,
+        "id": model_id or f"local:{folder.resolve().name}",
         "architecture": "builtin",
-        "model_id": model_id or f"local:{folder.resolve().name}",
+        "base": base,
+        "description": description or "wsicodec builtin-architecture autoencoder",
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "model_class": MODEL_CLASS,
         "weights": WEIGHTS_NAME,
         "config": net.config,

@@ -149,12 +149,14 @@ def _class_for(kind: str):
 @contextmanager
 def _quiet():
     """from_pretrained chatters (progress bars, deprecation notes); the CLI wants one line or none."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
     loggers = [logging.getLogger(n) for n in ("diffusers", "huggingface_hub")]
     levels = [lg.level for lg in loggers]
-    old_bars = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
+    bars_were_disabled = are_progress_bars_disabled()
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        lg.setLevel(logging.CRITICAL)  # failures become one ModelError line instead
+    disable_progress_bars()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -162,10 +164,8 @@ def _quiet():
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
-        if old_bars is None:
-            os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
-        else:
-            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = old_bars
+        if not bars_were_disabled:
+            enable_progress_bars()
 
 
 def _one_line(exc: BaseException) -> str:

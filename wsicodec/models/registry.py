@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ..errors import ModelError
-from .base import Autoencoder
+from .base import Autoencoder, pick_device
 
 MANIFEST_NAME = "wsicodec-model.json"
 MANIFEST_FORMAT = "wsicodec-model"
@@ -77,6 +77,8 @@ class ModelSpec:
             shared = _shared_dir() / "weights" / "taef2"
             if _folder_has_weights(shared):
                 return shared
+        if _folder_has_weights(Path(self.id)):  # a copy in the current directory, named like the id
+            return Path(self.id).resolve()
         return None
 
     def available_offline(self) -> bool:
@@ -160,6 +162,8 @@ def models_table() -> list[dict[str, Any]]:
 
 def load_model(name_or_path: str | os.PathLike | None = None, device: str | None = None) -> Autoencoder:
     """A registry id, a builtin id, a local model folder, or None for the builtin default."""
+    if device is not None:
+        pick_device(device)  # a bad --device fails before any weights are read
     if name_or_path is None:
         builtin = _builtin_module()
         if builtin is None:
