@@ -42,7 +42,6 @@ def make_container(side: int, workdir: Path) -> None:
     from wsicodec.models import load_model
     from wsicodec.models.builtin import build_net, save_builtin_folder
     from wsicodec.quantize import make_quantizer
-    from wsicodec.restore import restore
     from wsicodec.slide import TileGrid
 
     torch.set_num_threads(2)

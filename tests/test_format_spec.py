@@ -6,6 +6,7 @@ either the writer or the document without the other fails here.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import zipfile
@@ -32,7 +33,9 @@ def spec_text() -> str:
 def attribute_table() -> dict[str, str]:
     """`key` -> type column of the spec's root-attribute table."""
     rows = {}
-    for line in spec_text().splitlines():
+    text = spec_text()
+    section = text[text.index("## 4. Root attributes"):text.index("### 4.1")]
+    for line in section.splitlines():
         m = re.match(r"^\| `([a-z_.]+)` \| ([a-z\\|]+) \|", line)
         if m:
             rows[m.group(1)] = m.group(2).replace("\\", "")  # "integer\|null" -> "integer|null"
@@ -125,13 +128,29 @@ def test_arrays_have_the_specified_dtype_shape_chunks_and_codecs(written):
     assert np.all(np.diff(cb[...], axis=1) >= 0)  # each row sorted ascending
     bg = root["background"]
     assert bg.dtype == lat.dtype and bg.shape == (C, L, L)
-    for name in ("label", "macro", "thumbnail"):
-        a = root["associated"][name]
-        assert a.dtype == np.uint8 and a.ndim == 3 and a.shape[2] == 3
-    for name in ("tissue_mask", "codebook", "background", "associated/label"):
+    for name in ("tissue_mask", "codebook", "background"):
         m = json.loads((written / name / "zarr.json").read_text())
         assert [c["name"] for c in m["codecs"]] == ["bytes", "zstd"], name
         assert m["chunk_key_encoding"]["configuration"]["separator"] == "/"
+
+
+def test_associated_images_are_image_files_in_byte_arrays(written):
+    """Section 3.5: a 1-D uint8 array holding a PNG (label) or JPEG file; attributes say which and its size."""
+    from PIL import Image
+
+    root = zarr.open_group(written, mode="r")
+    expected = {"label": ("image/png", b"\x89PNG", (30, 40)), "macro": ("image/jpeg", b"\xff\xd8", (20, 60)),
+                "thumbnail": ("image/jpeg", b"\xff\xd8", (64, 48))}
+    for name, (media, magic, (h, w)) in expected.items():
+        a = root["associated"][name]
+        assert a.dtype == np.uint8 and a.ndim == 1 and a.chunks == a.shape
+        assert dict(a.attrs) == {"media_type": media, "width": w, "height": h, "lossless": media == "image/png"}
+        blob = a[...].tobytes()
+        assert blob.startswith(magic)
+        with Image.open(io.BytesIO(blob)) as im:
+            assert im.size == (w, h) and im.mode == "RGB"
+        m = json.loads((written / "associated" / name / "zarr.json").read_text())
+        assert [c["name"] for c in m["codecs"]] == ["bytes"]  # no second compression
 
 
 _TYPES = {"string": str, "boolean": bool, "integer": int, "number": (int, float), "object": dict,

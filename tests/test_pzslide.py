@@ -16,7 +16,7 @@ from wsicodec.pzslide import PzarrSlide
 from wsicodec.restore import restore
 
 # session fixtures and helpers of the restore tests (tiny random model, small synthetic container)
-from test_restore import make_tiny_model, tiny_container, tiny_model_dir  # noqa: F401
+from test_restore import tiny_container, tiny_model_dir  # noqa: F401
 
 
 @pytest.fixture(scope="module")

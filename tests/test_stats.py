@@ -144,9 +144,11 @@ def test_missing_file_and_unresolved_slide_are_skipped_with_their_reason(tiny_mo
     assert "no such file" in reasons["gone.svs"]
     assert "--source-mpp" in reasons["nompp.svs"]
     assert report.rows == [] and report.exit_code == st.SKIPPED_EXIT_CODE
-    # the same slide with --source-mpp is estimated
-    fixed = st.estimate([no_mpp], model=tiny_model, sample=4, source_mpp=0.5)
-    assert not fixed.skipped and fixed.rows[0].source_mpp == pytest.approx(0.5)
+    # with --source-mpp it is estimated, and a slide that records its own resolution keeps it
+    own = write_synthetic_slide(tmp_path / "own.svs", 768, 768, mpp=0.25, objective_power=40)
+    fixed = st.estimate([no_mpp, own], model=tiny_model, sample=4, source_mpp=0.5)
+    assert not fixed.skipped
+    assert [r.source_mpp for r in fixed.rows] == [pytest.approx(0.5), pytest.approx(0.25)]
 
 
 def test_table_csv_plot_and_json_of_an_estimate(estimated, tmp_path):
@@ -177,7 +179,7 @@ def test_table_csv_plot_and_json_of_an_estimate(estimated, tmp_path):
     report.price_per_tb_month = st.DEFAULT_PRICE_PER_TB_MONTH
 
 
-def test_stats_on_existing_containers_totals_correctly(compressed, slides):
+def test_stats_on_existing_containers_totals_correctly(compressed, slides, estimated):
     out, summaries = compressed
     broken = out / "broken.pzarr"
     broken.mkdir()
@@ -200,6 +202,10 @@ def test_stats_on_existing_containers_totals_correctly(compressed, slides):
         assert row["ratio"] == pytest.approx(summary.source_bytes / summary.container_bytes)
         assert row["source_name"] == f"{name}.svs"
         assert row["quantizer"]["kind"] == "kmeans"
+        assert 0 < row["latents_bytes"] < row["container_bytes"]
+        # a tile costs what the estimate said it would
+        est = next(r for r in estimated.rows if r.name == f"{name}.svs")
+        assert row["latent_bytes_per_tissue_tile"] == pytest.approx(est.bytes_per_tile_mean, rel=0.15)
     t = doc["totals"]
     assert t["source_bytes"] == sum(s.source_bytes for s in summaries.values())
     assert t["after_bytes"] == sum(s.container_bytes for s in summaries.values())
@@ -219,7 +225,7 @@ def test_cmu1_taef2_estimate_within_15_percent(cmu1_path, taef2_dir, tmp_path):
     row = st.estimate([cmu1_path], model=model, sample=8, target_mpp=1.0).rows[0]
     assert row.tissue_tiles == real.tissue_tiles > row.sampled_tiles == 8
     assert abs(row.projected_bytes / real.container_bytes - 1) < 0.15, (row.projected_bytes, real.container_bytes)
-    assert row.projected_low <= real.container_bytes <= row.projected_high
+    assert row.projected_low < row.projected_bytes < row.projected_high  # a real interval, not a point
     assert row.model == real.model_id and row.quantizer["kind"] == "kmeans"
 
 

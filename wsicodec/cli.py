@@ -150,18 +150,20 @@ def restore(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Restore a viewable pyramidal TIFF (or a region) from a .pzarr container."""
-    from . import restore as _restore
+    # the package's own `restore` function shadows the module name: import the functions
+    from .restore import restore as _restore_tiff
+    from .restore import restore_region as _restore_region
 
     with _user_errors():
         if region is not None:
             x, y, w, h = region
-            _restore.restore_region(container, out, x, y, w, h, level=level, device=device, batch_size=batch_size,
-                                    model=model, force=force, overwrite=overwrite)
+            _restore_region(container, out, x, y, w, h, level=level, device=device, batch_size=batch_size,
+                            model=model, force=force, overwrite=overwrite)
             typer.echo(f"wrote {out} ({w}x{h} px at level {level})")
             return
-        summary = _restore.restore(container, out, compression=compression, quality=quality, device=device,
-                                   batch_size=batch_size, model=model, force=force, overwrite=overwrite,
-                                   progress=not quiet)
+        summary = _restore_tiff(container, out, compression=compression, quality=quality, device=device,
+                                batch_size=batch_size, model=model, force=force, overwrite=overwrite,
+                                progress=not quiet)
     levels = " ".join(f"{w}x{h}" for w, h in summary["levels"])
     typer.echo(f"wrote {out}: levels {levels}, {summary['decoded_tiles']} tiles decoded, "
                f"{summary['bytes'] / 2**20:.1f} MiB in {summary['seconds']:.1f} s")
@@ -177,7 +179,7 @@ def stats(
     levels: Optional[int] = typer.Option(None, "--levels", min=2, max=256, help="With --estimate: quantiser levels."),
     sample: int = typer.Option(32, "--sample", min=2, help="With --estimate: tissue tiles encoded per slide."),
     mpp: float = typer.Option(0.5, "--mpp", help="With --estimate: archive resolution in µm/px (0.5 = 20x)."),
-    source_mpp: Optional[float] = typer.Option(None, "--source-mpp", help="With --estimate: the source's µm/px, for slides that don't record it."),
+    source_mpp: Optional[float] = typer.Option(None, "--source-mpp", help="With --estimate: µm/px of the slides that record no resolution (the others keep their own)."),
     all_tiles: bool = typer.Option(False, "--all-tiles", help="With --estimate: as compress --all-tiles."),
     single_file: bool = typer.Option(False, "--single-file", help="With --estimate: as compress --single-file."),
     seed: int = typer.Option(0, "--seed", help="With --estimate: seed of the tile sample (0 = the sample compress fits its codebook on)."),

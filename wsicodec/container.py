@@ -23,6 +23,7 @@ OWNER: container helper. Interface:
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import math
 import os
 import shutil
@@ -49,6 +50,12 @@ SHARD_INDEX_ENTRY_BYTES = 16  # (offset, nbytes) as two little-endian uint64 per
 SHARD_INDEX_CHECKSUM_BYTES = 4  # crc32c over the index
 CHUNK_KEY_ENCODING = {"name": "default", "configuration": {"separator": "/"}}
 ASSOCIATED_NAMES = ("thumbnail", "label", "macro")
+# How associated images are stored (measured on CMU-1-Small-Region: label + macro + thumbnail took 1.61 MB
+# as zstd'd RGB arrays, more than the source file; PNG label + JPEG-90 macro and thumbnail take 0.46 MB).
+ASSOCIATED_ENCODING = {
+    "label": ("PNG", "image/png", {"compress_level": 9}),
+    "*": ("JPEG", "image/jpeg", {"quality": 90}),
+}
 # keys every container has (null where unknown); callers' extra keys are kept
 SOURCE_KEYS = ("filename", "size", "sha256", "vendor", "properties")
 RESOLUTION_KEYS = ("target_mpp", "source_mpp", "mpp_source", "objective_power", "archived_objective_power")
@@ -196,6 +203,25 @@ def _as_rgb(name: str, img: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+def _encode_image(name: str, rgb: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """An associated image as the bytes of a PNG (label: text and barcodes stay exact) or JPEG file."""
+    from PIL import Image
+
+    fmt, media, opts = ASSOCIATED_ENCODING.get(name, ASSOCIATED_ENCODING["*"])
+    buf = io.BytesIO()
+    Image.fromarray(rgb, "RGB").save(buf, fmt, **opts)
+    attrs = {"media_type": media, "width": int(rgb.shape[1]), "height": int(rgb.shape[0]),
+             "lossless": fmt == "PNG"}
+    return np.frombuffer(buf.getvalue(), dtype=np.uint8), attrs
+
+
+def _decode_image(blob: np.ndarray) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(np.ascontiguousarray(blob, dtype=np.uint8).tobytes())) as im:
+        return np.asarray(im.convert("RGB"))
+
+
 # ------------------------------------------------------------------------------ writer
 class ContainerWriter:
     """Write one slide's container under a temporary sibling name; rename it into place when complete."""
@@ -297,13 +323,13 @@ class ContainerWriter:
         if self.associated:
             grp = self._root.create_group("associated")
             for name, img in self.associated.items():
-                img = _as_rgb(name, img)
-                a = grp.create_array(name, shape=img.shape, dtype="uint8", chunks=img.shape,
-                                     compressors=ZstdCodec(level=ZSTD_LEVEL), fill_value=0,
-                                     chunk_key_encoding=CHUNK_KEY_ENCODING,
-                                     dimension_names=["y", "x", "rgb"],
+                blob, attrs = _encode_image(name, _as_rgb(name, img))
+                # already compressed by its image codec: stored as it is, one chunk
+                a = grp.create_array(name, shape=blob.shape, dtype="uint8", chunks=blob.shape,
+                                     compressors=None, fill_value=0, chunk_key_encoding=CHUNK_KEY_ENCODING,
+                                     dimension_names=["byte"], attributes=attrs,
                                      config={"write_empty_chunks": True})
-                a[...] = img
+                a[...] = blob
 
     def _small_array(self, name: str, data: np.ndarray, dims: list[str]) -> None:
         a = self._root.create_array(name, shape=data.shape, dtype=data.dtype, chunks=data.shape,
@@ -684,10 +710,18 @@ class Container:
         return int(len(rr))
 
     def associated_images(self) -> dict[str, np.ndarray]:
+        """The source's associated images ("label", "macro", "thumbnail") as uint8 (H, W, 3)."""
         if "associated" not in self._root:
             return {}
         grp = self._root["associated"]
-        return {name: grp[name][...] for name in sorted(grp.array_keys())}
+        out = {}
+        for name in sorted(grp.array_keys()):
+            try:
+                out[name] = _decode_image(grp[name][...])
+            except Exception as exc:
+                raise ContainerError(f"damaged associated image {name!r} in {self.path} "
+                                     f"({type(exc).__name__}: {exc})") from None
+        return out
 
     # -------------------------------------------------------------------------- reporting
     def disk_bytes(self) -> int:

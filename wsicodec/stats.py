@@ -28,8 +28,8 @@ from . import __version__
 from .errors import WsicodecError
 
 SCHEMA_VERSION = 1
-# AWS S3 Standard, US East (N. Virginia), first 50 TB per month: $0.023 per GB-month list price
-# (unchanged since 2016 and still the list price in 2026). TB here means 10^12 bytes.
+# AWS S3 Standard, US East (N. Virginia), first 50 TB per month: $0.023 per GB-month, the list price
+# since December 2016 and the one we know for 2026 (check aws.amazon.com/s3/pricing). TB = 10^12 bytes.
 DEFAULT_PRICE_PER_TB_MONTH = 23.0
 PRICE_TIER = "AWS S3 Standard, us-east-1, first 50 TB/month ($0.023 per GB-month list price)"
 DEFAULT_SAMPLE = 32
@@ -61,6 +61,7 @@ class ContainerRow:
     source_name: str
     source_bytes: int
     container_bytes: int
+    latents_bytes: int  # the tiles' shards alone
     tiles_total: int
     tissue_tiles: int
     model: str
@@ -79,6 +80,8 @@ class ContainerRow:
             "tissue_fraction": _fraction(self.tissue_tiles, self.tiles_total),
             # all-in: the container's bytes (overhead included) divided by the tiles it holds
             "bytes_per_tissue_tile": self.container_bytes / self.tissue_tiles if self.tissue_tiles else None,
+            # the tiles' shards alone: comparable with an estimate's bytes_per_tile_mean
+            "latent_bytes_per_tissue_tile": self.latents_bytes / self.tissue_tiles if self.tissue_tiles else None,
         }
 
 
@@ -182,7 +185,7 @@ class StatsReport:
         else:
             cols = ["path", "status", "reason", "source_name", "source_bytes", "container_bytes", "ratio",
                     "saved_bytes", "tissue_tiles", "tiles_total", "tissue_fraction", "bytes_per_tissue_tile",
-                    "model", "quantizer"]
+                    "latent_bytes_per_tissue_tile", "latents_bytes", "model", "quantizer"]
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
@@ -204,7 +207,7 @@ class StatsReport:
 
 
 def yearly_cost(n_bytes: float, price_per_tb_month: float) -> float:
-    return round(n_bytes / 1e12 * price_per_tb_month * 12, 2)
+    return round(n_bytes / 1e12 * price_per_tb_month * 12, 6)
 
 
 def _ratio(before: float, after: float) -> float | None:
@@ -325,6 +328,7 @@ def describe_container(path: Path) -> ContainerRow:
     return ContainerRow(
         path=str(path), name=path.name, source_name=str(source.get("filename") or ""),
         source_bytes=int(source["size"]), container_bytes=int(d["container_bytes"]),
+        latents_bytes=int(d.get("latents_bytes") or 0),
         tiles_total=int(tiles.get("total", 0)), tissue_tiles=int(tiles.get("tissue", 0)),
         model=str((d.get("model") or {}).get("id") or "?"),
         quantizer={k: quant[k] for k in ("kind", "levels", "per_channel") if quant.get(k) is not None},
@@ -393,7 +397,15 @@ def estimate_slide(slide_path: Path, autoencoder, *, quant: str | None = None, l
     from .slide import SourceSlide
 
     started = time.perf_counter()
-    with SourceSlide(slide_path, source_mpp=source_mpp) as slide:
+    try:
+        slide = SourceSlide(slide_path)
+    except WsicodecError:
+        if source_mpp is None:
+            raise
+        # in a batch, --source-mpp stands in only for slides that record no resolution; a file that
+        # is broken for another reason fails again here, with its own message
+        slide = SourceSlide(slide_path, source_mpp=source_mpp)
+    with slide:
         quantizer = cmp.choose_quantizer(autoencoder, quant, levels)
         layout = cmp.plan(slide, target_mpp=target_mpp, tile_size=tile_size, all_tiles=all_tiles)
         # compress's own fit: a seeded random sample of tissue tiles, encoded, fitted on, returned
@@ -422,7 +434,7 @@ def estimate_slide(slide_path: Path, autoencoder, *, quant: str | None = None, l
             with writer:
                 for coord, s in zip(coords, stored):
                     writer.write_tile(*coord, s)
-            written = path_bytes(out)
+            written = writer.bytes_written
         overhead = _overhead(written, tile_bytes, coords, layout.coords)
 
         point, low, high, mean, sd = extrapolate(tile_bytes, n_tissue, overhead)
@@ -541,6 +553,8 @@ def human_bytes(n: float | None) -> str:
 
 
 def _money(x: float) -> str:
+    if 0 < abs(x) < 0.01:
+        return "<$0.01" if x > 0 else "-<$0.01"
     return f"${x:,.2f}"
 
 
@@ -549,7 +563,10 @@ def print_table(report: StatsReport, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped into a file: don't squeeze the table into 80 columns
+            console = Console(width=160)
     t = report.totals()
     est = report.mode == "estimate"
     if not report.rows:
@@ -557,39 +574,53 @@ def print_table(report: StatsReport, console=None) -> None:
         for skip in report.skipped:
             console.print(f"[yellow]skipped[/] {skip.path}: {skip.reason}", highlight=False, soft_wrap=True)
         return
-    table = Table(title="wsicodec estimate: projected container sizes" if est else "wsicodec containers",
-                  show_footer=False, header_style="bold")
-    table.add_column("slide" if est else "container", overflow="fold")
-    table.add_column("source", justify="right")
-    table.add_column("projected (95% interval)" if est else "container", justify="right")
-    table.add_column("ratio", justify="right")
-    table.add_column("saved", justify="right")
-    table.add_column("tissue tiles", justify="right")
-    table.add_column("bytes/tile", justify="right")
-    table.add_column("model / quant")
+    labels = {f"{r.model} / {_quant_label(r.quantizer)}" for r in report.rows}
+    shared_label = labels.pop() if len(labels) == 1 else None
+    title = "wsicodec estimate: projected container sizes" if est else "wsicodec containers: measured sizes"
+    table = Table(title=title, caption=f"model / quantiser: {shared_label}" if shared_label else None,
+                  header_style="bold")
+    table.add_column("slide" if est else "container", overflow="fold", max_width=40)
+    table.add_column("source", justify="right", no_wrap=True)
+    table.add_column("projected" if est else "container", justify="right", no_wrap=True)
+    if est:
+        table.add_column("95% interval", justify="right", no_wrap=True)
+    table.add_column("ratio", justify="right", no_wrap=True)
+    table.add_column("saved", justify="right", no_wrap=True)
+    table.add_column("tissue tiles", justify="right", no_wrap=True)
+    if est:
+        table.add_column("sampled", justify="right", no_wrap=True)
+    table.add_column("bytes/tile", justify="right", no_wrap=True)
+    if not shared_label:
+        table.add_column("model / quantiser")
+
+    def ratio(x):
+        return f"{x:.1f}×" if x else "-"
+
     for row in report.rows:
         d = row.to_json()
-        after = (f"{human_bytes(row.projected_bytes)} ({human_bytes(row.projected_low)}–"
-                 f"{human_bytes(row.projected_high)})" if est else human_bytes(row.container_bytes))
-        per_tile = d["bytes_per_tile_mean"] if est else d["bytes_per_tissue_tile"]
-        tiles = f"{row.tissue_tiles} ({100 * (d['tissue_fraction'] or 0):.0f}%)"
+        cells = [row.name, human_bytes(row.source_bytes), human_bytes(row.after_bytes)]
         if est:
-            tiles += f", {row.sampled_tiles} sampled"
-        table.add_row(row.name, human_bytes(row.source_bytes), after,
-                      f"{d['ratio']:.1f}×" if d["ratio"] else "-", human_bytes(d["saved_bytes"]), tiles,
-                      human_bytes(per_tile), f"{row.model} / {_quant_label(row.quantizer)}")
-    if report.rows:
-        after = (f"{human_bytes(t['after_bytes'])} ({human_bytes(t['after_low'])}–{human_bytes(t['after_high'])})"
-                 if est else human_bytes(t["after_bytes"]))
-        table.add_section()
-        table.add_row(f"[bold]total ({t['slides']} slides)", human_bytes(t["source_bytes"]), after,
-                      f"{t['ratio']:.1f}×" if t["ratio"] else "-", human_bytes(t["saved_bytes"]),
-                      str(t["tissue_tiles"]), "", "", style="bold")
+            cells.append(f"{human_bytes(row.projected_low)} – {human_bytes(row.projected_high)}")
+        cells += [ratio(d["ratio"]), human_bytes(d["saved_bytes"]),
+                  f"{row.tissue_tiles} ({100 * (d['tissue_fraction'] or 0):.0f}%)"]
+        if est:
+            cells.append(str(row.sampled_tiles))
+        cells.append(human_bytes(d["bytes_per_tile_mean"] if est else d["latent_bytes_per_tissue_tile"]))
+        if not shared_label:
+            cells.append(f"{row.model} / {_quant_label(row.quantizer)}")
+        table.add_row(*cells)
+    table.add_section()
+    cells = [f"total ({t['slides']} slides)", human_bytes(t["source_bytes"]), human_bytes(t["after_bytes"])]
+    if est:
+        cells.append(f"{human_bytes(t['after_low'])} – {human_bytes(t['after_high'])}")
+    cells += [ratio(t["ratio"]), human_bytes(t["saved_bytes"]), str(t["tissue_tiles"])]
+    table.add_row(*cells, style="bold")
     console.print(table)
     tier = PRICE_TIER if report.price_per_tb_month == DEFAULT_PRICE_PER_TB_MONTH else "your price"
     console.print(f"storage cost per year at ${report.price_per_tb_month:g}/TB-month ({tier}): "
                   f"{_money(t['cost_per_year_before'])} now, {_money(t['cost_per_year_after'])} "
-                  f"{'projected' if est else 'compressed'}, [bold green]{_money(t['cost_per_year_saved'])} saved[/]")
+                  f"{'projected' if est else 'compressed'}, [bold green]{_money(t['cost_per_year_saved'])} saved[/]",
+                  highlight=False)
     for skip in report.skipped:
         console.print(f"[yellow]skipped[/] {skip.path}: {skip.reason}", highlight=False, soft_wrap=True)
 
@@ -623,19 +654,21 @@ def plot(report: StatsReport, out_path: os.PathLike | str) -> Path:
            label="projected .pzarr (95% interval)" if est else ".pzarr container", color="#1f77b4")
     for xi, b, a in zip(x, before, after):
         if a > 0:
-            ax.annotate(f"{b / a:.0f}×", (xi + width / 2, a / scale), ha="center", va="bottom",
+            ax.annotate(f"{b / a:.1f}×" if b / a < 10 else f"{b / a:.0f}×", (xi + width / 2, a / scale), ha="center", va="bottom",
                         textcoords="offset points", xytext=(0, 3), fontsize=8)
-    ax.set_xticks(x, [_short(r.name) for r in report.rows], rotation=30 if len(x) > 3 else 0, ha="right"
-                  if len(x) > 3 else "center")
+    names = [_short(r.name) for r in report.rows]
+    tilt = len(x) > 3 or len(x) * max(map(len, names)) > 50  # long names would run into each other
+    ax.set_xticks(x, names, rotation=25 if tilt else 0, ha="right" if tilt else "center")
     ax.set_ylabel(f"size on disk ({unit})")
     ax.set_xlabel("slide")
     t = report.totals()
     first = report.rows[0]
     what = f"{first.model}, {_quant_label(first.quantizer)}"
-    ax.set_title(f"Slide storage before and after wsicodec ({'estimate' if est else 'measured'}; {what})\n"
-                 f"total {human_bytes(t['source_bytes'])} → {human_bytes(t['after_bytes'])} "
-                 f"({100 * (t['saved_fraction'] or 0):.0f}% saved, {_money(t['cost_per_year_saved'])}/year at "
-                 f"${report.price_per_tb_month:g}/TB-month)", fontsize=10)
+    title = (f"Slide storage before and after wsicodec ({'estimate' if est else 'measured'}; {what})\n"
+             f"total {human_bytes(t['source_bytes'])} → {human_bytes(t['after_bytes'])} "
+             f"({100 * (t['saved_fraction'] or 0):.0f}% saved, {_money(t['cost_per_year_saved'])}/year at "
+             f"${report.price_per_tb_month:g}/TB-month)")
+    ax.set_title(title.replace("$", r"\$"), fontsize=10)  # a bare $ starts matplotlib's mathtext
     ax.legend(frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
     ax.grid(axis="y", alpha=0.3)

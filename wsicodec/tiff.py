@@ -37,6 +37,7 @@ _TIFFFILE_CODEC = {"jpeg": "jpeg", "deflate": "adobe_deflate", "lzw": "lzw", "zs
 MIN_LEVEL_SIDE = 1000
 THUMBNAIL_SIDE = 1024
 WHITE = 255
+_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 
 def level_dimensions(width: int, height: int, min_side: int = MIN_LEVEL_SIDE) -> list[tuple[int, int]]:
@@ -245,6 +246,10 @@ def write_aperio_pyramid(
                         subfiletype=0,
                         metadata=None,
                         software=False,
+                        # tifffile buffers this many bytes of tiles to compress them in parallel
+                        # (512 MiB by default): one row of tiles keeps memory independent of slide size
+                        maxworkers=_WORKERS,
+                        buffersize=max(8, -(-w // tile_size)) * tile_size * tile_size * 3,
                         **resolution(width / w if level else 1.0),
                         **_codec_args(compression, quality),
                     )
