@@ -308,3 +308,22 @@ def test_bad_options(tiny_container, tmp_path):
                                 "7"), "level")
     _assert_one_line_error(_run(tiny_container, tmp_path / "o.png", "--region", "90000", "0", "10", "10"), "outside")
     assert out_files(tmp_path) == []
+
+
+def test_prefetch_keeps_order_and_passes_errors_on():
+    from wsicodec.restore import prefetch
+
+    assert list(prefetch(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ValueError("boom")
+
+    it = prefetch(failing())
+    assert next(it) == 1
+    with pytest.raises(ValueError, match="boom"):
+        next(it)
+    # a consumer that stops early does not leave the producer hanging
+    it = prefetch(iter(range(1000)))
+    assert next(it) == 0
+    it.close()

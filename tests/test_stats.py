@@ -216,6 +216,15 @@ def test_stats_on_existing_containers_totals_correctly(compressed, slides, estim
     assert plain.exit_code == 0 and "a.pzarr" in plain.stdout and "total" in plain.stdout
 
 
+def test_cmu1_estimate_within_15_percent_on_any_machine(cmu1_path, tiny_model, tmp_path):
+    # a real Aperio slide with label, macro and thumbnail: the overhead the estimate measures is real
+    real = compress(cmu1_path, tmp_path / "cmu.pzarr", model=tiny_model)
+    row = st.estimate([cmu1_path], model=tiny_model, sample=12).rows[0]
+    assert row.tissue_tiles == real.tissue_tiles > row.sampled_tiles == 12
+    assert abs(row.projected_bytes / real.container_bytes - 1) < 0.15, (row.projected_bytes, real.container_bytes)
+    assert row.source_mpp == pytest.approx(0.499, abs=1e-3)
+
+
 @pytest.mark.slow
 def test_cmu1_taef2_estimate_within_15_percent(cmu1_path, taef2_dir, tmp_path):
     # 1 µm/px (10x) keeps TAEF2's full-resolution convolutions to ~20 tiles on a shared CPU;

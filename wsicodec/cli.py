@@ -182,7 +182,7 @@ def stats(
     source_mpp: Optional[float] = typer.Option(None, "--source-mpp", help="With --estimate: µm/px of the slides that record no resolution (the others keep their own)."),
     all_tiles: bool = typer.Option(False, "--all-tiles", help="With --estimate: as compress --all-tiles."),
     single_file: bool = typer.Option(False, "--single-file", help="With --estimate: as compress --single-file."),
-    seed: int = typer.Option(0, "--seed", help="With --estimate: seed of the tile sample (0 = the sample compress fits its codebook on)."),
+    seed: int = typer.Option(0, "--seed", help="With --estimate: seed of the tile sample (0 with --sample 64: the very tiles compress fits its codebook on)."),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, mps; default: CUDA, then MPS, then CPU."),
     price: Optional[float] = typer.Option(None, "--price-per-tb-month", min=0, help="Storage price in USD per TB (10^12 bytes) per month. Default 23, the list price of AWS S3 Standard (us-east-1, first 50 TB, $0.023/GB-month); use your own."),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import queue
 import threading
 import time
 from collections import OrderedDict
@@ -171,6 +172,46 @@ class TileDecoder:
             if on_tiles and len(cols) < self.cols:
                 on_tiles(self.cols - len(cols))
             yield strip
+
+
+def prefetch(items: Iterator, depth: int = 1) -> Iterator:
+    """Run ``items`` in a background thread, ``depth`` items ahead: decoding (torch, GPU) then overlaps
+    with the TIFF's tile compression (imagecodecs), both of which release the GIL."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put((None, item)):
+                    return
+            put((None, done))
+        except BaseException as exc:  # handed to the consumer, raised there
+            put((exc, None))
+
+    thread = threading.Thread(target=work, name="wsicodec-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            exc, item = q.get()
+            if exc is not None:
+                raise exc
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 # =========================================================================== pyramid on demand
@@ -441,7 +482,7 @@ def restore(
     with _Progress(progress, total, "restoring level 0") as bar:
         dims = write_aperio_pyramid(
             out_path,
-            decoder.strips(on_tiles=bar.advance),
+            prefetch(decoder.strips(on_tiles=bar.advance)),
             int(grid.width),
             int(grid.height),
             _aperio_info(container),
