@@ -22,7 +22,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from wsicodec.compress import compress, plan  # noqa: E402
+from wsicodec.archive import compress, plan  # noqa: E402
 from wsicodec.slide import SourceSlide  # noqa: E402
 
 

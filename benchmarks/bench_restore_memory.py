@@ -81,7 +81,7 @@ def restore_child(side: int, workdir: Path) -> dict:
 
     from wsicodec.container import Container
     from wsicodec.models import load_model
-    from wsicodec.restore import restore
+    from wsicodec.decode import restore
 
     torch.set_num_threads(2)
     model = load_model(str(workdir / "tiny-model"), device="cpu")

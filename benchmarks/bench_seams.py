@@ -38,10 +38,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     args = ap.parse_args()
 
-    from wsicodec.compress import compress
+    from wsicodec.archive import compress
     from wsicodec.container import Container
     from wsicodec.models import load_model
-    from wsicodec.restore import TileDecoder, psnr, seam_ratio
+    from wsicodec.decode import TileDecoder, psnr, seam_ratio
     from wsicodec.slide import SourceSlide
 
     if not args.slide.is_file():

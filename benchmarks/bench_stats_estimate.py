@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from wsicodec import stats as st
-from wsicodec.compress import compress
+from wsicodec.archive import compress
 from wsicodec.models import load_model
 from wsicodec.synthetic import write_synthetic_slide
 

@@ -56,7 +56,7 @@ def tiny_model_dir(tmp_path):
 
 def _cfg(model, data, out, **kw) -> FinetuneConfig:
     base = dict(model=str(model), data=[str(data)], out=str(out), steps=3, batch_size=2, crop=64, warmup=1,
-                lr=1e-3, checkpoint_every=1, device="cpu", **FM)
+                lr=1e-3, checkpoint_every=1, device="cpu", gan_start=1, **FM)
     base.update(kw)
     return FinetuneConfig(**base)
 

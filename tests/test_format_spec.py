@@ -269,7 +269,7 @@ def test_container_from_the_compress_pipeline_follows_the_spec(synthetic_slide, 
     """Not only the writer on its own: what `compress` records meets the attribute table too."""
     from diffusers import AutoencoderTiny
 
-    from wsicodec.compress import compress
+    from wsicodec.archive import compress
 
     torch.manual_seed(0)
     model_dir = tmp_path / "tiny"

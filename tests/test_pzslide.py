@@ -13,7 +13,7 @@ from openslide.deepzoom import DeepZoomGenerator
 
 import wsicodec.pzslide
 from wsicodec.pzslide import PzarrSlide
-from wsicodec.restore import restore
+from wsicodec.decode import restore
 
 # session fixtures and helpers of the restore tests (tiny random model, small synthetic container)
 from test_restore import tiny_container, tiny_model_dir  # noqa: F401

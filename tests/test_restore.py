@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 import wsicodec.pzslide
 from wsicodec.cli import app
-from wsicodec.restore import psnr, restore, restore_region, seam_ratio
+from wsicodec.decode import psnr, restore, restore_region, seam_ratio
 
 TINY = {"enc_widths": [8], "enc_blocks": [1], "dec_widths": [8, 8], "dec_blocks": [1, 1]}
 
@@ -56,7 +56,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_container(tmp_path_factory, synthetic_slide, tiny_model_dir) -> Path:
     """The 3000 x 2400 synthetic 40x slide archived at 0.5 µm/px (1500 x 1200, 6 x 5 tiles)."""
-    from wsicodec.compress import compress
+    from wsicodec.archive import compress
 
     out = tmp_path_factory.mktemp("tiny-container") / "syn.pzarr"
     compress(synthetic_slide, out, model=str(tiny_model_dir), device="cpu")
@@ -67,7 +67,7 @@ def tiny_container(tmp_path_factory, synthetic_slide, tiny_model_dir) -> Path:
 @pytest.fixture(scope="module")
 def cmu1(tmp_path_factory, cmu1_path, taef2_dir):
     """CMU-1-Small-Region compressed with TAEF2 (K-means), restored once losslessly (deflate)."""
-    from wsicodec.compress import compress
+    from wsicodec.archive import compress
 
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("cmu1")
@@ -271,7 +271,7 @@ def test_truncated_container(tiny_container, tmp_path):
 
 
 def test_missing_model(tiny_container, tmp_path, synthetic_slide):
-    from wsicodec.compress import compress
+    from wsicodec.archive import compress
 
     model = make_tiny_model(tmp_path / "gone-model", model_id="gone")
     c = tmp_path / "c.pzarr"
@@ -311,7 +311,7 @@ def test_bad_options(tiny_container, tmp_path):
 
 
 def test_prefetch_keeps_order_and_passes_errors_on():
-    from wsicodec.restore import prefetch
+    from wsicodec.decode import prefetch
 
     assert list(prefetch(iter(range(50)), depth=2)) == list(range(50))
 

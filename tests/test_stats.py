@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from wsicodec import stats as st
 from wsicodec.cli import app
-from wsicodec.compress import compress
+from wsicodec.archive import compress
 from wsicodec.models import load_model
 from wsicodec.synthetic import write_synthetic_slide
 

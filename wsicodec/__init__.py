@@ -3,30 +3,18 @@
     wsicodec.compress("slide.svs", "slide.pzarr")    # -> CompressSummary
     wsicodec.restore("slide.pzarr", "slide.tiff")    # pyramidal BigTIFF that OpenSlide/QuPath open
     wsicodec.open("slide.pzarr")                     # an openslide.AbstractSlide decoding on demand
+
+The pipelines live in modules named for their stage (``archive``: slide -> container, ``decode``:
+container -> pixels), not ``compress``/``restore``, so these package-level functions are never shadowed
+by submodules of the same name.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+from .archive import compress  # noqa: E402
+from .decode import restore  # noqa: E402
+from .pzslide import open  # noqa: E402,A001 - mirrors openslide.open_slide's role
+
 __all__ = ["__version__", "compress", "open", "restore"]
-
-
-def compress(slide_path, out_path, **options):
-    """Compress one slide; see :func:`wsicodec.compress.compress` for the options."""
-    from .compress import compress as _compress
-
-    return _compress(slide_path, out_path, **options)
-
-
-def restore(container_path, out_path, **options):
-    """Restore a viewable TIFF; see :func:`wsicodec.restore.restore` for the options."""
-    from .restore import restore as _restore
-
-    return _restore(container_path, out_path, **options)
-
-
-def open(path):  # noqa: A001 - mirrors openslide.open_slide's role
-    """Open a .pzarr container as an :class:`openslide.AbstractSlide` (decodes tiles on demand)."""
-    from .pzslide import open as _open
-
-    return _open(path)

@@ -57,7 +57,7 @@ def compress(
     """Compress a slide into a .pzarr container."""
     import json
 
-    from .compress import compress as run
+    from .archive import compress as run
 
     with _user_errors():
         summary = run(slide, out, model=model, quant=quant, levels=levels, target_mpp=mpp, source_mpp=source_mpp,
@@ -151,8 +151,8 @@ def restore(
 ) -> None:
     """Restore a viewable pyramidal TIFF (or a region) from a .pzarr container."""
     # the package's own `restore` function shadows the module name: import the functions
-    from .restore import restore as _restore_tiff
-    from .restore import restore_region as _restore_region
+    from .decode import restore as _restore_tiff
+    from .decode import restore_region as _restore_region
 
     with _user_errors():
         if region is not None:
@@ -296,7 +296,7 @@ def finetune(
     w_gan: float = typer.Option(0.5, "--w-gan", min=0),
     w_fm: float = typer.Option(1.0, "--w-fm", min=0),
     fm: str = typer.Option("uni,lpips-vgg", "--fm", help="Feature-matching embedders, first available wins: uni, phikon-v2, gigapath, lpips-vgg, lpips-alex."),
-    gan_start: int = typer.Option(0, "--gan-start", min=0, help="Step at which the PatchGAN term starts."),
+    gan_start: int = typer.Option(200, "--gan-start", min=0, help="Discriminator warm-up: step at which the PatchGAN term reaches the decoder (the discriminator trains from step 0)."),
     quant: str = typer.Option("kmeans", "--quant", help="Quantiser the decoder is tuned for: kmeans, uniform[:N], int8, none."),
     latent_noise: float = typer.Option(0.0, "--latent-noise", min=0, help="Extra uniform latent noise, in quantiser level spacings."),
     crop: int = typer.Option(128, "--crop", min=0, help="Train on random crops of this many output pixels (0 = whole tiles)."),

@@ -281,8 +281,8 @@ class EvalReport:
             for fam, pts in self.curves(key).items():
                 xs, ys, labels = zip(*pts)
                 ax.plot(xs, ys, marker="o" if fam == "JPEG" else "s", label=fam)
-                for x, y, lab in zip(xs, ys, labels):
-                    ax.annotate(lab, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                for j, (x, y, lab) in enumerate(zip(xs, ys, labels)):  # alternate sides: close points stay legible
+                    ax.annotate(lab, (x, y), fontsize=7, xytext=(3, 3 if j % 2 == 0 else -9), textcoords="offset points")
             ax.set_xlabel("KB per 256 px tile (as stored)")
             ax.set_title(title, fontsize=10)
             ax.grid(alpha=0.3)

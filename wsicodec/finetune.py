@@ -58,7 +58,7 @@ class FinetuneConfig:
     w_gan: float = 0.5
     w_fm: float = 1.0
     fm: list[str] = field(default_factory=lambda: ["uni", "lpips-vgg"])
-    gan_start: int = 0  # step at which the adversarial term switches on
+    gan_start: int = 200  # discriminator warm-up: step at which its loss reaches the decoder
     d_lr: float = 1e-4
     quant: str = "kmeans"  # what the decoder is tuned for: kmeans | uniform:N | int8 | none
     latent_noise: float = 0.0  # extra uniform noise, in units of the quantiser's mean level spacing
@@ -325,6 +325,8 @@ def finetune(cfg: FinetuneConfig, say: Callable[[str], None] | None = None, show
                         fx = fm.embed(x)
                     losses["fm"] = (fm.embed(y) - fx).abs().mean()
                     total = total + cfg.w_fm * losses["fm"]
+                # the discriminator learns from step 0; its verdict reaches the decoder from gan_start on
+                # (an untrained discriminator's gradient is an arbitrary, image-independent push)
                 gan_on = disc is not None and step >= cfg.gan_start
                 if gan_on:
                     disc.requires_grad_(False)
@@ -333,7 +335,7 @@ def finetune(cfg: FinetuneConfig, say: Callable[[str], None] | None = None, show
                 opt_g.zero_grad(set_to_none=True)
                 total.backward()
                 opt_g.step()
-                if gan_on:
+                if disc is not None:
                     disc.requires_grad_(True)
                     opt_d.zero_grad(set_to_none=True)
                     ld = d_loss(disc(x * 2 - 1), disc(y.detach() * 2 - 1))

@@ -392,7 +392,7 @@ def estimate_slide(slide_path: Path, autoencoder, *, quant: str | None = None, l
                    tile_size: int = TILE_SIZE, all_tiles: bool = False, seed: int = 0, batch_size: int = 16,
                    read_workers: int = 2, single_file: bool = False, workdir: Path | None = None) -> EstimateRow:
     """Project the container compress would write for one slide from `sample` encoded tissue tiles."""
-    from . import compress as cmp
+    from . import archive as cmp
     from .container import ContainerWriter, stored_tile_bytes
     from .slide import SourceSlide
 
@@ -499,7 +499,7 @@ def estimate(paths: Sequence[os.PathLike | str], *, model=None, quant: str | Non
 
     autoencoder = model if isinstance(model, Autoencoder) else load_model(model, device=device) if found else None
     if autoencoder is not None:
-        from .compress import choose_quantizer
+        from .archive import choose_quantizer
 
         try:  # a bad --quant/--levels is the user's mistake once, not a reason to skip every slide
             choose_quantizer(autoencoder, quant, levels)
