@@ -236,3 +236,17 @@ def test_failure_midway_leaves_nothing(synthetic_slide, tiny_model_dir, tmp_path
     with pytest.raises(Exception):
         compress(synthetic_slide, out, model=str(tiny_model_dir))
     assert not leftovers(out)
+
+
+def test_default_builtin_model_runs_offline_without_flags(cmu1_path, tmp_path, monkeypatch):
+    """`wsicodec compress slide.svs out.pzarr` on a fresh machine: packaged weights, no hub, no --model."""
+    from wsicodec.models.builtin import DEFAULT_MODEL_ID
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "cmu.pzarr"
+    result = run_cli("compress", cmu1_path, out, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "tiles/s" in result.stdout
+    info = Container.open(out).describe()
+    assert info["model"]["id"] == DEFAULT_MODEL_ID
+    assert info["tiles"]["tissue"] > 0

@@ -100,12 +100,14 @@ def white_tile_latents(model: Autoencoder, tile_size: int) -> torch.Tensor:
 
 def fit_quantizer(quantizer: Quantizer, model: Autoencoder, slide: SourceSlide, grid: TileGrid,
                   coords: Sequence[Coord], *, sample_tiles: int = 64, seed: int = 0, batch_size: int = 16,
-                  workers: int = 2) -> dict[Coord, torch.Tensor]:
+                  workers: int = 2, on_batch=None) -> dict[Coord, torch.Tensor]:
     """Fit on the latents of a random sample of tissue tiles; returns those latents so they aren't encoded twice."""
     sample = sample_coords(coords, sample_tiles, seed)
     latents: dict[Coord, torch.Tensor] = {}
     for batch_coords, z in encode_batches(model, slide, grid, sample, batch_size=batch_size, workers=workers):
         latents.update(zip(batch_coords, z))
+        if on_batch is not None:
+            on_batch(len(batch_coords))
     if latents:
         quantizer.fit(torch.stack(list(latents.values())))
     else:  # a slide with no tissue: the codebook only has to represent glass
@@ -211,8 +213,10 @@ def _progress(enabled: bool):
 
     class TilesPerSecond(ProgressColumn):
         def render(self, task):
-            speed = task.finished_speed or task.speed
-            return Text(f"{speed:.1f} tiles/s" if speed else "- tiles/s")
+            # the average since the start: steadier than rich's windowed speed when batches arrive in bursts
+            elapsed = task.finished_time if task.finished else task.elapsed
+            speed = task.completed / elapsed if elapsed else 0.0
+            return Text(f"{speed:.1f} tiles/s")
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TilesPerSecond(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
@@ -247,9 +251,10 @@ def compress(slide_path: str | os.PathLike, out_path: str | os.PathLike, *, mode
 
         prog = _progress(progress)
         with prog:
+            task = prog.add_task("compress", total=len(layout.coords))
             fitted = fit_quantizer(quantizer, autoencoder, slide, layout.grid, layout.coords,
                                    sample_tiles=sample_tiles, seed=seed, batch_size=batch_size,
-                                   workers=read_workers)
+                                   workers=read_workers, on_batch=lambda n: prog.advance(task, n))
             background = quantizer.quantize(white_tile_latents(autoencoder, tile_size))[0]
             writer = ContainerWriter(
                 out_path, grid=layout.grid, model=autoencoder.info, quantizer=quantizer, tissue=layout.tissue,
@@ -258,10 +263,8 @@ def compress(slide_path: str | os.PathLike, out_path: str | os.PathLike, *, mode
                 tool_version=__version__,
             )
             with writer:
-                task = prog.add_task("compress", total=len(layout.coords))
                 for coord, z in fitted.items():
                     writer.write_tile(*coord, quantizer.quantize(z[None])[0])
-                prog.advance(task, len(fitted))
                 remaining = [c for c in layout.coords if c not in fitted]
                 for batch_coords, z in encode_batches(autoencoder, slide, layout.grid, remaining,
                                                       batch_size=batch_size, workers=read_workers):
