@@ -299,7 +299,7 @@ def finetune(
     gan_start: int = typer.Option(200, "--gan-start", min=0, help="Discriminator warm-up: step at which the PatchGAN term reaches the decoder (the discriminator trains from step 0)."),
     quant: str = typer.Option("kmeans", "--quant", help="Quantiser the decoder is tuned for: kmeans, uniform[:N], int8, none."),
     latent_noise: float = typer.Option(0.0, "--latent-noise", min=0, help="Extra uniform latent noise, in quantiser level spacings."),
-    crop: int = typer.Option(128, "--crop", min=0, help="Train on random crops of this many output pixels (0 = whole tiles)."),
+    crop: int = typer.Option(0, "--crop", min=0, help="Train on random crops of this many output pixels; 0 (default) = whole tiles, as they are decoded."),
     images_mpp: Optional[float] = typer.Option(None, "--images-mpp", help="µm/px of image inputs, resampled to --mpp."),
     mpp: float = typer.Option(0.5, "--mpp", help="Archive resolution in µm/px."),
     source_mpp: Optional[float] = typer.Option(None, "--source-mpp", help="µm/px of slides that don't record it."),
