@@ -153,3 +153,17 @@ def leica_slide(tmp_path_factory) -> Path:
 def no_mpp_slide(synthetic_slide_factory) -> Path:
     """A synthetic slide that records neither mpp nor objective power."""
     return synthetic_slide_factory(1200, 1000, mpp=None, objective_power=None, levels=[1], seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A real diffusers AutoencoderTiny with a tiny random config, saved and loaded back like any local model:
+    fast, and its latents still vary from tile to tile."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-taesd")
+    AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                    num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1)).save_pretrained(folder)
+    return folder

@@ -20,18 +20,6 @@ from wsicodec.slide import SourceSlide
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A real diffusers AutoencoderTiny with a tiny random config, saved and loaded back like any local model."""
-    from diffusers import AutoencoderTiny
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-taesd")
-    AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
-                    num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1)).save_pretrained(folder)
-    return folder
-
-
 def run_cli(*args: str):
     result = runner.invoke(app, [str(a) for a in args])
     # a user-facing failure is a clean exit with a message, never an escaped exception

@@ -38,18 +38,6 @@ def validate(doc: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A real diffusers AutoencoderTiny with a tiny random config: fast, and sizes still vary per tile."""
-    from diffusers import AutoencoderTiny
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-taesd")
-    AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
-                    num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1)).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def tiny_model(tiny_model_dir):
     return load_model(str(tiny_model_dir), device="cpu")
 

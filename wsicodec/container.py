@@ -117,18 +117,23 @@ def _utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
+def _fsync(path: Path) -> None:
+    """Flush one file or directory entry to disk; best effort (some filesystems refuse)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _fsync_tree(path: Path) -> None:
     for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
-        try:
-            fd = os.open(p, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        _fsync(p)
 
 
 def _remove(path: Path) -> None:
@@ -166,16 +171,7 @@ def _remove_stale_partials(out: Path) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    _fsync(path)
 
 
 def _pack_zip(src_dir: Path, zip_path: Path) -> None:
