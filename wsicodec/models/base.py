@@ -139,7 +139,8 @@ class Autoencoder(ABC):
     def encode(self, tiles: np.ndarray) -> torch.Tensor:
         """uint8 (N,H,W,3) -> float32 CPU tensor (N,C,H/f,W/f)."""
         lo, hi = self.info.input_range
-        x = torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device)
+        # torch wants a writable buffer; read-only arrays (e.g. from zarr or np.broadcast_to) are copied
+        x = torch.from_numpy(np.require(tiles, requirements=("C", "W"))).to(self.device)
         x = x.permute(0, 3, 1, 2).float() * ((hi - lo) / 255.0) + lo
         with self._autocast():
             z = self._encode(x)
