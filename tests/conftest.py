@@ -1,6 +1,6 @@
 """Shared fixtures: where ../shared is, the CMU-1 test slide on any machine, synthetic slides.
 
-OWNER: slide helper.  Other helpers: put fixtures only your tests use in your own test file.
+Fixtures used by more than one test module live here; the rest stay in their own test file.
 """
 
 from __future__ import annotations

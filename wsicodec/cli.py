@@ -2,7 +2,7 @@
 
 Every command runs inside :func:`_user_errors`, so a :class:`WsicodecError` becomes one
 ``error: ...`` line on stderr and a non-zero exit, never a traceback.
-Each command's body belongs to the module that implements it; keep edits to your own command.
+Each command's work is done by the module named after its stage; the functions here only translate options.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _user_errors():
         raise typer.Exit(130)
 
 
-# ---------------------------------------------------------------- compress / info (lead)
+# ---------------------------------------------------------------- compress / info
 @app.command()
 def compress(
     slide: Path = typer.Argument(..., help="Source slide: anything OpenSlide opens (.svs, .ndpi, .mrxs, DICOM, TIFF...)."),
@@ -131,7 +131,7 @@ def models_(json_out: bool = typer.Option(False, "--json")) -> None:
     Console().print(table)
 
 
-# ---------------------------------------------------------------- restore (restore helper)
+# ---------------------------------------------------------------- restore
 @app.command()
 def restore(
     container: Path = typer.Argument(..., help="A .pzarr container."),
@@ -169,7 +169,7 @@ def restore(
                f"{summary['bytes'] / 2**20:.1f} MiB in {summary['seconds']:.1f} s")
 
 
-# ---------------------------------------------------------------- stats (stats helper)
+# ---------------------------------------------------------------- stats
 @app.command()
 def stats(
     paths: list[Path] = typer.Argument(..., help="Containers (or slides with --estimate), or folders to search."),
@@ -227,7 +227,7 @@ def stats(
         raise typer.Exit(report.exit_code)
 
 
-# ---------------------------------------------------------------- eval / finetune (eval helper)
+# ---------------------------------------------------------------- eval / finetune
 @app.command("eval")
 def eval_(
     inputs: list[Path] = typer.Argument(..., help="Slides (tissue tiles at --mpp) and/or images or folders of image tiles."),
@@ -331,7 +331,7 @@ def finetune(
                f"{summary['tiles']} tiles, {summary['seconds']:.0f} s; use --model {summary['folder']})")
 
 
-# ---------------------------------------------------------------- train (builtin-model helper)
+# ---------------------------------------------------------------- train
 @app.command()
 def train(
     data: list[str] = typer.Option(..., "--data", help="Slides, image files/folders, or .npy tile caches (repeat --data, or list several after it)."),

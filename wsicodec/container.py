@@ -1,6 +1,6 @@
 """The .pzarr container: the only module that knows its layout (formats/pzarr-v1.md specifies it).
 
-OWNER: container helper. Interface:
+Interface:
 
     with ContainerWriter(out_path, grid=..., model=ModelInfo, quantizer=Quantizer, tissue=bool (rows,cols),
                          background=stored (C,t/f,t/f), source=dict, resolution=dict,

@@ -1,4 +1,4 @@
-"""load -> dequantise -> decode (with halo) -> pyramidal TIFF / region.  OWNER: restore helper.
+"""load -> dequantise -> decode (with halo) -> pyramidal TIFF / region.
 
     dec = TileDecoder(container, model, halo=HALO, cache_tiles=256, batch_size=8)
     dec.tile(row, col) -> uint8 (t, t, 3)        # decoded once, then from an LRU cache

@@ -1,4 +1,4 @@
-"""PzarrSlide: an ``openslide.AbstractSlide`` over a .pzarr container, decoding on demand.  OWNER: restore helper.
+"""PzarrSlide: an ``openslide.AbstractSlide`` over a .pzarr container, decoding on demand.
 
     slide = wsicodec.pzslide.open("slide.pzarr")      # (the package exposes it as wsicodec.open)
     slide.dimensions, slide.level_count, slide.level_dimensions, slide.level_downsamples

@@ -1,6 +1,6 @@
 """Latent quantisers: K-means codebook, uniform N levels, static int8, none (float16).
 
-OWNER: container helper. Interface:
+Interface:
 
     q = make_quantizer(kind, levels=256, latent_range=None)   # kind in {"kmeans","uniform","int8","none"}
         # (model_info=ModelInfo is accepted too: its latent_range is used when latent_range is not given)

@@ -1,6 +1,6 @@
 """Source slides: anything OpenSlide opens, read at the archive resolution.
 
-OWNER: slide helper. Interface (others rely on it; change only by agreement):
+Interface (the pipeline relies on it):
 
     grid = TileGrid(...)                          # frozen dataclass, JSON round-trip
     slide = SourceSlide(path, source_mpp=None)    # raises SlideError with one-line messages

@@ -1,7 +1,5 @@
 """Synthetic H&E-like whole-slide images in Aperio layout, for tests and benchmarks.
 
-OWNER: slide helper.
-
     write_synthetic_slide(path, width, height, *, mpp=0.25, objective_power=40, tissue_fraction=0.35,
                           islands=3, pen=None, seed=0, tile_size=256, levels=None,
                           with_associated=True, jpeg_quality=85, workers=None) -> Path

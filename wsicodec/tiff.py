@@ -1,4 +1,4 @@
-"""Streaming writer for Aperio-layout pyramidal BigTIFF files.  OWNER: restore helper.
+"""Streaming writer for Aperio-layout pyramidal BigTIFF files.
 
 Layout (what OpenSlide's ``aperio`` driver and Bio-Formats' SVS reader both expect):
 

@@ -1,6 +1,6 @@
 """Which tiles hold tissue, decided on a low-resolution thumbnail.
 
-OWNER: slide helper. Interface:
+Interface:
 
     tissue_tiles(thumbnail: np.ndarray, grid: TileGrid, min_fraction: float = 0.05) -> np.ndarray[bool] (rows, cols)
     tissue_pixels(thumbnail) -> np.ndarray[bool] (h, w)        # the per-pixel mask behind it
