@@ -137,7 +137,7 @@ def build_net(config: dict[str, Any] | None = None) -> CodecNet:
 class BuiltinAutoencoder(Autoencoder):
     def __init__(self, net: CodecNet, *, model_id: str, device: str | torch.device | None = None,
                  source: str = "", bf16_cpu: bool = False):
-        self.device = pick_device(device) if not isinstance(device, torch.device) else device
+        self.device = pick_device(device)
         self.net = net.eval().to(self.device)
         if self.device.type == "cpu":
             self.net = self.net.to(memory_format=torch.channels_last)

@@ -82,7 +82,7 @@ class DiffusersAutoencoder(Autoencoder):
             source=source,
         )
         self.refresh_hashes()
-        self.device = pick_device(device) if not isinstance(device, torch.device) else device
+        self.device = pick_device(device)
         self.vae.to(self.device)
 
     def refresh_hashes(self) -> None:

@@ -177,7 +177,7 @@ class TAEF2(Autoencoder):
             source=source,
         )
         self.refresh_hashes()
-        self.device = pick_device(device) if not isinstance(device, torch.device) else device
+        self.device = pick_device(device)
         self.encoder.to(self.device).requires_grad_(False)
         self.decoder.to(self.device).requires_grad_(False)
         # channels-last convolutions measured 20-25 % faster on CPU (oneDNN); a layout change only
