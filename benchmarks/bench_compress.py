@@ -22,8 +22,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from wsicodec.archive import compress, plan  # noqa: E402
-from wsicodec.slide import SourceSlide  # noqa: E402
+from wsicodec.pipeline.compress import compress, plan  # noqa: E402
+from wsicodec.source.slide import SourceSlide  # noqa: E402
 
 
 def peak_rss_mib() -> float:
@@ -55,7 +55,7 @@ def main() -> None:
     slides = [Path(args.slide)]
     tmp = Path(tempfile.mkdtemp(prefix="wsicodec-bench-"))
     if args.synthetic:
-        from wsicodec.synthetic import write_synthetic_slide
+        from wsicodec.testing.synthetic import write_synthetic_slide
 
         synthetic = tmp / "synthetic.svs"
         write_synthetic_slide(synthetic, args.synthetic, args.synthetic, mpp=0.5, objective_power=20)

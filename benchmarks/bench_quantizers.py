@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from numcodecs.zstd import Zstd  # noqa: E402
 
-from wsicodec import container as ct  # noqa: E402
-from wsicodec.quantize import make_quantizer  # noqa: E402
+from wsicodec.format import container as ct  # noqa: E402
+from wsicodec.quant.quantizer import make_quantizer  # noqa: E402
 
 
 def shared_dir() -> Path:
@@ -44,14 +44,14 @@ def real_latents(cache: Path | None):
     if not (weights / "taef2_encoder.pth").exists() or not slide_path.exists():
         return None, None, "no TAEF2 weights or slide"
     from wsicodec.models.taesd import load_taef2_folder
-    from wsicodec.slide import SourceSlide
+    from wsicodec.source.slide import SourceSlide
 
     model = load_taef2_folder(weights, device="cpu")
     tiles = []
     with SourceSlide(slide_path) as slide:
         grid = slide.grid(0.5, 256)
         try:
-            from wsicodec.tissue import tissue_tiles
+            from wsicodec.source.tissue import tissue_tiles
 
             mask = tissue_tiles(slide.thumbnail(), grid)
             coords = list(zip(*np.nonzero(mask)))

@@ -38,11 +38,11 @@ def make_container(side: int, workdir: Path) -> None:
     import numpy as np
     import torch
 
-    from wsicodec.container import ContainerWriter
+    from wsicodec.format.container import ContainerWriter
     from wsicodec.models import load_model
     from wsicodec.models.builtin import build_net, save_builtin_folder
-    from wsicodec.quantize import make_quantizer
-    from wsicodec.slide import TileGrid
+    from wsicodec.quant.quantizer import make_quantizer
+    from wsicodec.source.slide import TileGrid
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -79,9 +79,9 @@ def restore_child(side: int, workdir: Path) -> dict:
     import numpy as np
     import torch
 
-    from wsicodec.container import Container
+    from wsicodec.format.container import Container
     from wsicodec.models import load_model
-    from wsicodec.decode import restore
+    from wsicodec.pipeline.restore import restore
 
     torch.set_num_threads(2)
     model = load_model(str(workdir / "tiny-model"), device="cpu")

@@ -38,11 +38,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     args = ap.parse_args()
 
-    from wsicodec.archive import compress
-    from wsicodec.container import Container
+    from wsicodec.pipeline.compress import compress
+    from wsicodec.format.container import Container
     from wsicodec.models import load_model
-    from wsicodec.decode import TileDecoder, psnr, seam_ratio
-    from wsicodec.slide import SourceSlide
+    from wsicodec.pipeline.restore import TileDecoder, psnr, seam_ratio
+    from wsicodec.source.slide import SourceSlide
 
     if not args.slide.is_file():
         sys.exit(f"slide not found: {args.slide} (set WSICODEC_SHARED or pass --slide)")

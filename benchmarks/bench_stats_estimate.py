@@ -6,7 +6,7 @@ For each slide: run the estimate, then compress with the same model and settings
     on a slide with >= 2 000 tissue tiles).
 The model is loaded once and shared by both, so neither time includes loading it.
 
-Slides: a synthetic 20x slide with >= 2 000 tissue tiles (wsicodec.synthetic, written once into
+Slides: a synthetic 20x slide with >= 2 000 tissue tiles (wsicodec.testing.synthetic, written once into
 --workdir) and the slides in ../shared/data/slides (WSICODEC_SHARED overrides ../shared; the TCGA slide
 records no resolution and is run with --source-mpp 0.5, as compress would need).
 
@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from wsicodec import stats as st
-from wsicodec.archive import compress
+from wsicodec.stats import report as st
+from wsicodec.pipeline.compress import compress
 from wsicodec.models import load_model
-from wsicodec.synthetic import write_synthetic_slide
+from wsicodec.testing.synthetic import write_synthetic_slide
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("WSICODEC_SHARED", REPO.parent / "shared"))

@@ -113,11 +113,11 @@ def lpips_weights_dir(shared_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def synthetic_slide_factory(tmp_path_factory):
-    """make(width, height, **kwargs) -> Path of a synthetic Aperio slide (see wsicodec.synthetic).
+    """make(width, height, **kwargs) -> Path of a synthetic Aperio slide (see wsicodec.testing.synthetic).
 
     Session-cached by arguments: asking twice for the same slide writes it once.
     """
-    from wsicodec.synthetic import write_synthetic_slide
+    from wsicodec.testing.synthetic import write_synthetic_slide
 
     root = tmp_path_factory.mktemp("synthetic")
     made: dict[str, Path] = {}
@@ -143,7 +143,7 @@ def leica_slide(tmp_path_factory) -> Path:
     """A Leica SCN whose 1500 x 1200 scanned area (0.25 µm/px) sits at (700, 500) in a 2900 x 2200
     collection: OpenSlide reports openslide.bounds-*.  Same pixels as
     synthetic_slide_factory(1500, 1200, levels=[1, 4], seed=0)."""
-    from wsicodec.synthetic import write_synthetic_leica
+    from wsicodec.testing.synthetic import write_synthetic_leica
 
     return write_synthetic_leica(tmp_path_factory.mktemp("leica") / "bounded.scn", 1500, 1200,
                                  offset=(700, 500), levels=[1, 4], seed=0)

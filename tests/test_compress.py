@@ -12,10 +12,10 @@ import zarr
 from typer.testing import CliRunner
 
 from wsicodec.cli import app
-from wsicodec.archive import compress, plan
-from wsicodec.container import Container
+from wsicodec.pipeline.compress import compress, plan
+from wsicodec.format.container import Container
 from wsicodec.models import load_model
-from wsicodec.slide import SourceSlide
+from wsicodec.source.slide import SourceSlide
 
 runner = CliRunner()
 
@@ -93,7 +93,7 @@ def test_source_is_recorded(cmu_taef2, cmu1_path):
 
 def test_kmeans_beats_int8_on_latent_error(cmu1_path, taef2_dir):
     """The paper's point about the codebook, on real latents: K-means loses less than static 8-bit."""
-    from wsicodec.archive import choose_quantizer
+    from wsicodec.pipeline.compress import choose_quantizer
 
     model = load_model(str(taef2_dir))
     with SourceSlide(cmu1_path) as slide:
@@ -214,7 +214,7 @@ def test_weights_that_fail_to_load(synthetic_slide, tiny_model_dir, tmp_path):
 
 def test_failure_midway_leaves_nothing(synthetic_slide, tiny_model_dir, tmp_path, monkeypatch):
     """An error after tiles were written (here: the source vanishes before hashing) must not leave a container."""
-    from wsicodec import archive as compress_module
+    from wsicodec.pipeline import compress as compress_module
 
     def boom(path, chunk=0):
         raise OSError(5, "Input/output error")

@@ -11,10 +11,10 @@ import pytest
 import torch
 import zarr
 
-from wsicodec.container import Container, ContainerWriter, stored_tile_bytes
+from wsicodec.format.container import Container, ContainerWriter, stored_tile_bytes
 from wsicodec.errors import ContainerError, OutputExistsError
 from wsicodec.models.base import ModelInfo
-from wsicodec.quantize import make_quantizer
+from wsicodec.quant.quantizer import make_quantizer
 
 C, F, T = 4, 8, 64  # channels, spatial factor, tile size -> 8x8 latent cells per tile
 TL = T // F

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from wsicodec import evaluate as ev
+from wsicodec.research import evaluate as ev
 from wsicodec.cli import app
 
 TINY_BUILTIN = {"enc_widths": [8], "enc_blocks": [1], "dec_widths": [8, 8], "dec_blocks": [1, 1]}

@@ -13,7 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from wsicodec.cli import app
-from wsicodec.finetune import CKPT_DIR, CKPT_NAME, MANIFEST_NAME, FinetuneConfig, finetune
+from wsicodec.research.finetune import CKPT_DIR, CKPT_NAME, MANIFEST_NAME, FinetuneConfig, finetune
 from wsicodec.models import load_model
 
 TINY_BUILTIN = {"enc_widths": [8], "enc_blocks": [1], "dec_widths": [8, 8], "dec_blocks": [1, 1]}

@@ -17,9 +17,9 @@ import pytest
 import torch
 import zarr
 
-from wsicodec import container as ct
+from wsicodec.format import container as ct
 from wsicodec.models.base import ModelInfo
-from wsicodec.quantize import DEFAULT_INT8_RANGE, make_quantizer
+from wsicodec.quant.quantizer import DEFAULT_INT8_RANGE, make_quantizer
 
 SPEC = Path(__file__).resolve().parents[1] / "formats" / "pzarr-v1.md"
 ROWS, COLS, C, F, T = 12, 9, 32, 8, 256  # CMU-1-Small-Region's grid with TAEF2's latent shape
@@ -56,7 +56,7 @@ def grid():
     d = {"tile_size": T, "width": 2220, "height": 2967, "rows": ROWS, "cols": COLS, "target_mpp": 0.5,
          "source_mpp": 0.499, "objective_power": 20.0, "level": 0, "origin_x": 0, "origin_y": 0, "scale": 1.0}
     try:
-        from wsicodec.slide import TileGrid
+        from wsicodec.source.slide import TileGrid
 
         return TileGrid.from_json(d)
     except Exception:  # the slide module's TileGrid is what compress passes; a dict is accepted too
@@ -269,7 +269,7 @@ def test_container_from_the_compress_pipeline_follows_the_spec(synthetic_slide, 
     """Not only the writer on its own: what `compress` records meets the attribute table too."""
     from diffusers import AutoencoderTiny
 
-    from wsicodec.archive import compress
+    from wsicodec.pipeline.compress import compress
 
     torch.manual_seed(0)
     model_dir = tmp_path / "tiny"

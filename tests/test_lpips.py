@@ -1,4 +1,4 @@
-"""LPIPS (wsicodec.lpips) from the full local weights: a metric that orders distortions sensibly."""
+"""LPIPS (wsicodec.research.lpips) from the full local weights: a metric that orders distortions sensibly."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from wsicodec.errors import WsicodecError
-from wsicodec.lpips import LPIPS, lpips_weights_dir
+from wsicodec.research.lpips import LPIPS, lpips_weights_dir
 
 HAVE_WEIGHTS = (lpips_weights_dir() / "lpips_alexnet_full.safetensors").is_file()
 needs_weights = pytest.mark.skipif(not HAVE_WEIGHTS, reason=f"LPIPS weights not in {lpips_weights_dir()} (../shared absent)")

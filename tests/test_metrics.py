@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from wsicodec import metrics as M
+from wsicodec.research import metrics as M
 
 
 def _texture(n=3, size=64, seed=0) -> np.ndarray:
@@ -94,7 +94,7 @@ def test_lpips_orders_blur_and_is_zero_on_identical(lpips_weights_dir):
 
 
 def test_standin_embedding_similarity(lpips_weights_dir):
-    from wsicodec.embeddings import load_embedder
+    from wsicodec.research.embeddings import load_embedder
 
     e = load_embedder("lpips-alex")
     assert e.standin and "†" in e.label

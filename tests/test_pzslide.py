@@ -11,9 +11,9 @@ import openslide
 import pytest
 from openslide.deepzoom import DeepZoomGenerator
 
-import wsicodec.pzslide
-from wsicodec.pzslide import PzarrSlide
-from wsicodec.decode import restore
+import wsicodec.reader
+from wsicodec.reader import PzarrSlide
+from wsicodec.pipeline.restore import restore
 
 # session fixtures and helpers of the restore tests (tiny random model, small synthetic container)
 from test_restore import tiny_container, tiny_model_dir  # noqa: F401
@@ -24,7 +24,7 @@ def pair(tiny_container, tmp_path_factory):
     tiff = tmp_path_factory.mktemp("pz") / "ref.tiff"
     restore(tiny_container, tiff, compression="deflate", device="cpu", progress=False)
     ref = openslide.OpenSlide(str(tiff))
-    slide = wsicodec.pzslide.open(tiny_container, device="cpu")
+    slide = wsicodec.reader.open(tiny_container, device="cpu")
     yield slide, ref
     ref.close()
     slide.close()
@@ -76,7 +76,7 @@ def test_read_region_is_openslides(pair, location, level, size):
 
 
 def test_decodes_only_what_a_request_touches(tiny_container):
-    from wsicodec.container import Container
+    from wsicodec.format.container import Container
 
     tissue = np.asarray(Container.open(tiny_container).tissue)
     r, c = map(int, np.argwhere(tissue)[0])

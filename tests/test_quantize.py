@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from wsicodec.errors import WsicodecError
-from wsicodec.quantize import DEFAULT_INT8_RANGE, Quantizer, make_quantizer
+from wsicodec.quant.quantizer import DEFAULT_INT8_RANGE, Quantizer, make_quantizer
 
 
 def mixture_latents(n=24, c=8, hw=16, seed=0) -> torch.Tensor:

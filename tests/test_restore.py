@@ -21,9 +21,9 @@ from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
 from typer.testing import CliRunner
 
-import wsicodec.pzslide
+import wsicodec.reader
 from wsicodec.cli import app
-from wsicodec.decode import psnr, restore, restore_region, seam_ratio
+from wsicodec.pipeline.restore import psnr, restore, restore_region, seam_ratio
 
 TINY = {"enc_widths": [8], "enc_blocks": [1], "dec_widths": [8, 8], "dec_blocks": [1, 1]}
 
@@ -56,7 +56,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_container(tmp_path_factory, synthetic_slide, tiny_model_dir) -> Path:
     """The 3000 x 2400 synthetic 40x slide archived at 0.5 µm/px (1500 x 1200, 6 x 5 tiles)."""
-    from wsicodec.archive import compress
+    from wsicodec.pipeline.compress import compress
 
     out = tmp_path_factory.mktemp("tiny-container") / "syn.pzarr"
     compress(synthetic_slide, out, model=str(tiny_model_dir), device="cpu")
@@ -67,7 +67,7 @@ def tiny_container(tmp_path_factory, synthetic_slide, tiny_model_dir) -> Path:
 @pytest.fixture(scope="module")
 def cmu1(tmp_path_factory, cmu1_path, taef2_dir):
     """CMU-1-Small-Region compressed with TAEF2 (K-means), restored once losslessly (deflate)."""
-    from wsicodec.archive import compress
+    from wsicodec.pipeline.compress import compress
 
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("cmu1")
@@ -80,7 +80,7 @@ def cmu1(tmp_path_factory, cmu1_path, taef2_dir):
 
 @pytest.mark.slow
 def test_cmu1_tiff_opens_in_openslide_as_aperio(cmu1):
-    from wsicodec.container import Container
+    from wsicodec.format.container import Container
 
     grid = Container.open(cmu1["container"]).grid
     with openslide.OpenSlide(str(cmu1["tiff"])) as s:
@@ -97,8 +97,8 @@ def test_cmu1_tiff_opens_in_openslide_as_aperio(cmu1):
 @pytest.mark.slow
 def test_cmu1_fidelity_against_source(cmu1, cmu1_path):
     """PSNR of the restore against the source at the archive resolution, tissue tiles only."""
-    from wsicodec.container import Container
-    from wsicodec.slide import SourceSlide
+    from wsicodec.format.container import Container
+    from wsicodec.source.slide import SourceSlide
 
     c = Container.open(cmu1["container"])
     grid, tissue = c.grid, np.asarray(c.tissue)
@@ -116,7 +116,7 @@ def test_cmu1_fidelity_against_source(cmu1, cmu1_path):
 
 @pytest.mark.slow
 def test_cmu1_no_seams(cmu1):
-    from wsicodec.container import Container
+    from wsicodec.format.container import Container
 
     c = Container.open(cmu1["container"])
     level0 = tiff_levels(cmu1["tiff"])[0]
@@ -128,7 +128,7 @@ def test_cmu1_no_seams(cmu1):
 @pytest.mark.slow
 def test_cmu1_deepzoom_on_pzslide_matches_the_tiff(cmu1):
     levels = tiff_levels(cmu1["tiff"])
-    with wsicodec.pzslide.open(cmu1["container"], device="cpu") as slide:
+    with wsicodec.reader.open(cmu1["container"], device="cpu") as slide:
         assert slide.level_dimensions == tuple((a.shape[1], a.shape[0]) for a in levels)
         dz = DeepZoomGenerator(slide, tile_size=254, overlap=1)
         deepest = dz.level_count - 1
@@ -180,11 +180,11 @@ def test_cli_restore_writes_jpeg_aperio_pyramid(tiny_container, tmp_path):
 
 
 def test_background_tiles_are_white_and_not_decoded(tiny_container, tmp_path):
-    from wsicodec.container import Container
+    from wsicodec.format.container import Container
 
     summary = restore(tiny_container, tmp_path / "a.tiff", compression="lzw", device="cpu", progress=False)
     tissue = np.asarray(Container.open(tiny_container).tissue)
-    assert summary["decoded_tiles"] == int(tissue.sum()) < tissue.size
+    assert summary.decoded_tiles == int(tissue.sum()) < tissue.size
     level0 = tiff_levels(tmp_path / "a.tiff")[0]
     r, c = np.argwhere(~tissue)[0]
     assert (level0[r * 256 : (r + 1) * 256, c * 256 : (c + 1) * 256] == 255).all()
@@ -194,13 +194,13 @@ def test_restore_is_deterministic(tiny_container, tmp_path):
     a = restore(tiny_container, tmp_path / "a.tiff", compression="deflate", device="cpu", progress=False)
     b = restore(tiny_container, tmp_path / "b.tiff", compression="deflate", device="cpu", progress=False,
                 batch_size=3)
-    for x, y in zip(tiff_levels(Path(a["output"])), tiff_levels(Path(b["output"]))):
+    for x, y in zip(tiff_levels(Path(a.output)), tiff_levels(Path(b.output))):
         np.testing.assert_array_equal(x, y)
 
 
 def test_region_restore_at_levels(tiny_container, tmp_path):
     full = restore(tiny_container, tmp_path / "f.tiff", compression="zstd", device="cpu", progress=False)
-    levels = tiff_levels(Path(full["output"]))
+    levels = tiff_levels(Path(full.output))
     img0 = restore_region(tiny_container, tmp_path / "r0.png", 100, 250, 400, 300, device="cpu")
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "r0.png")), img0)
     np.testing.assert_array_equal(img0, levels[0][250:550, 100:500])
@@ -271,7 +271,7 @@ def test_truncated_container(tiny_container, tmp_path):
 
 
 def test_missing_model(tiny_container, tmp_path, synthetic_slide):
-    from wsicodec.archive import compress
+    from wsicodec.pipeline.compress import compress
 
     model = make_tiny_model(tmp_path / "gone-model", model_id="gone")
     c = tmp_path / "c.pzarr"
@@ -311,7 +311,7 @@ def test_bad_options(tiny_container, tmp_path):
 
 
 def test_prefetch_keeps_order_and_passes_errors_on():
-    from wsicodec.decode import prefetch
+    from wsicodec.pipeline.restore import prefetch
 
     assert list(prefetch(iter(range(50)), depth=2)) == list(range(50))
 

@@ -11,7 +11,7 @@ import openslide
 import pytest
 
 from wsicodec.errors import SlideError, WsicodecError
-from wsicodec.slide import SourceSlide, TileGrid, bounds_from_properties
+from wsicodec.source.slide import SourceSlide, TileGrid, bounds_from_properties
 
 
 def _region(path, loc, level, size) -> np.ndarray:

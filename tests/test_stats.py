@@ -14,11 +14,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from wsicodec import stats as st
+from wsicodec.stats import report as st
 from wsicodec.cli import app
-from wsicodec.archive import compress
+from wsicodec.pipeline.compress import compress
 from wsicodec.models import load_model
-from wsicodec.synthetic import write_synthetic_slide
+from wsicodec.testing.synthetic import write_synthetic_slide
 
 runner = CliRunner()
 SCHEMA = Path(__file__).resolve().parents[1] / "docs" / "stats-schema.json"

@@ -7,7 +7,7 @@ import openslide
 import pytest
 import tifffile
 
-from wsicodec.synthetic import _Painter, write_synthetic_slide
+from wsicodec.testing.synthetic import _Painter, write_synthetic_slide
 
 
 def test_opens_as_aperio_with_resolution_and_levels(synthetic_slide):
@@ -23,7 +23,7 @@ def test_opens_as_aperio_with_resolution_and_levels(synthetic_slide):
 
 
 def test_associated_images_decode(synthetic_slide):
-    from wsicodec.slide import SourceSlide
+    from wsicodec.source.slide import SourceSlide
 
     with SourceSlide(synthetic_slide) as s:
         assoc = s.associated_images()

@@ -14,7 +14,7 @@ import openslide
 import pytest
 import tifffile
 
-from wsicodec.tiff import AperioInfo, downsample2, level_dimensions, write_aperio_pyramid
+from wsicodec.pipeline.tiff import AperioInfo, downsample2, level_dimensions, write_aperio_pyramid
 
 W, H = 1900, 1500  # not multiples of the tile size nor of four
 

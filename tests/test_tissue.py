@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from wsicodec.slide import SourceSlide, TileGrid
-from wsicodec.tissue import ink_pixels, tile_fractions, tissue_pixels, tissue_tiles
+from wsicodec.source.slide import SourceSlide, TileGrid
+from wsicodec.source.tissue import ink_pixels, tile_fractions, tissue_pixels, tissue_tiles
 
 GLASS = (243, 243, 245)
 

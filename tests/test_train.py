@@ -12,10 +12,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from wsicodec.cli import app
-from wsicodec.data import image_crops, load_tiles, resample_area
+from wsicodec.research.data import image_crops, load_tiles, resample_area
 from wsicodec.errors import WsicodecError
 from wsicodec.models.builtin import MANIFEST_NAME
-from wsicodec.train import CHECKPOINT_NAME, TrainConfig, augment, quant_noise, quantize_uniform, train
+from wsicodec.research.train import CHECKPOINT_NAME, TrainConfig, augment, quant_noise, quantize_uniform, train
 
 from test_builtin import he_like_tiles
 
@@ -148,7 +148,7 @@ def test_slide_tissue_tiles(cmu1_path):
 
 
 def test_gan_phase_trains_discriminator_and_resumes(tile_cache, tmp_path):
-    from wsicodec.gan import PatchDiscriminator, d_loss, g_loss
+    from wsicodec.research.gan import PatchDiscriminator, d_loss, g_loss
 
     out = train(_cfg(tile_cache, tmp_path / "g", steps=4, gan_after=2, stop_at=3), progress=False, log=lambda m: None)
     ck = torch.load(out / CHECKPOINT_NAME, weights_only=False)
@@ -165,7 +165,7 @@ def test_gan_phase_trains_discriminator_and_resumes(tile_cache, tmp_path):
     assert float(d_loss(real.new_ones(4), real.new_zeros(4), "ls")) == 0.0
 
 
-@pytest.mark.skipif(not (__import__("wsicodec.lpips", fromlist=["x"]).lpips_weights_dir()
+@pytest.mark.skipif(not (__import__("wsicodec.research.lpips", fromlist=["x"]).lpips_weights_dir()
                          / "lpips_alexnet_full.safetensors").is_file(), reason="LPIPS weights absent (../shared)")
 def test_training_with_lpips_term(tile_cache, tmp_path):
     out = train(_cfg(tile_cache, tmp_path / "l", steps=3, lpips_weight=0.5), progress=False, log=lambda m: None)

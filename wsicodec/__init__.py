@@ -1,20 +1,46 @@
 """wsicodec: archive whole-slide images as quantised autoencoder latents in a Zarr container.
 
-    wsicodec.compress("slide.svs", "slide.pzarr")    # -> CompressSummary
-    wsicodec.restore("slide.pzarr", "slide.tiff")    # pyramidal BigTIFF that OpenSlide/QuPath open
+    wsicodec.compress("slide.svs", "slide.pzarr")    # -> CompressResult
+    wsicodec.restore("slide.pzarr", "slide.tiff")    # -> RestoreResult; a pyramidal BigTIFF OpenSlide opens
     wsicodec.open("slide.pzarr")                     # an openslide.AbstractSlide decoding on demand
+    wsicodec.Container.open("slide.pzarr")           # the container itself (formats/pzarr-v1.md)
+    wsicodec.load_model("taef2")                     # an Autoencoder by name or folder
 
-The pipelines live in modules named for their stage (``archive``: slide -> container, ``decode``:
-container -> pixels), not ``compress``/``restore``, so these package-level functions are never shadowed
-by submodules of the same name.
+The layout (docs/architecture.md): ``source`` (slide, tissue) -> ``models`` -> ``quant`` -> ``format``,
+joined by ``pipeline`` (compress, decoder, restore, tiff); ``reader`` is the OpenSlide-compatible slide;
+``stats`` and ``research`` are tools built on the core; ``testing`` holds synthetic slides and tiny models.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from wsicodec._version import __version__
+from wsicodec.errors import (
+    ContainerError,
+    ModelError,
+    OutputExistsError,
+    SlideError,
+    WsicodecError,
+)
+from wsicodec.format.container import Container
+from wsicodec.models import Autoencoder, load_model
+from wsicodec.pipeline.compress import CompressResult, compress
+from wsicodec.pipeline.restore import RestoreResult, restore
+from wsicodec.reader import PzarrSlide, open  # noqa: A004 - mirrors openslide.open_slide's role
 
-from .archive import compress  # noqa: E402
-from .decode import restore  # noqa: E402
-from .pzslide import open  # noqa: E402,A001 - mirrors openslide.open_slide's role
-
-__all__ = ["__version__", "compress", "open", "restore"]
+__all__ = [
+    "Autoencoder",
+    "CompressResult",
+    "Container",
+    "ContainerError",
+    "ModelError",
+    "OutputExistsError",
+    "PzarrSlide",
+    "RestoreResult",
+    "SlideError",
+    "WsicodecError",
+    "__version__",
+    "compress",
+    "load_model",
+    "open",
+    "restore",
+]

@@ -1,3 +1,3 @@
-from .cli import app
+from wsicodec.cli import app
 
 app(prog_name="wsicodec")

@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from .errors import WsicodecError
+from wsicodec.errors import WsicodecError
 
 app = typer.Typer(
     add_completion=False,
@@ -57,7 +57,7 @@ def compress(
     """Compress a slide into a .pzarr container."""
     import json
 
-    from .archive import compress as run
+    from wsicodec.pipeline.compress import compress as run
 
     with _user_errors():
         summary = run(slide, out, model=model, quant=quant, levels=levels, target_mpp=mpp, source_mpp=source_mpp,
@@ -77,7 +77,7 @@ def info(
     """Describe a .pzarr container: source, resolution, grid, model, quantiser, sizes."""
     import json
 
-    from .container import Container
+    from wsicodec.format.container import Container
 
     with _user_errors():
         description = Container.open(container).describe()
@@ -111,7 +111,7 @@ def models_(json_out: bool = typer.Option(False, "--json")) -> None:
     """List the autoencoders wsicodec knows and whether their weights are available offline."""
     import json
 
-    from .models.registry import models_table
+    from wsicodec.models.registry import models_table
 
     with _user_errors():
         rows = models_table()
@@ -151,8 +151,8 @@ def restore(
 ) -> None:
     """Restore a viewable pyramidal TIFF (or a region) from a .pzarr container."""
     # the package's own `restore` function shadows the module name: import the functions
-    from .decode import restore as _restore_tiff
-    from .decode import restore_region as _restore_region
+    from wsicodec.pipeline.restore import restore as _restore_tiff
+    from wsicodec.pipeline.restore import restore_region as _restore_region
 
     with _user_errors():
         if region is not None:
@@ -164,9 +164,7 @@ def restore(
         summary = _restore_tiff(container, out, compression=compression, quality=quality, device=device,
                                 batch_size=batch_size, model=model, force=force, overwrite=overwrite,
                                 progress=not quiet)
-    levels = " ".join(f"{w}x{h}" for w, h in summary["levels"])
-    typer.echo(f"wrote {out}: levels {levels}, {summary['decoded_tiles']} tiles decoded, "
-               f"{summary['bytes'] / 2**20:.1f} MiB in {summary['seconds']:.1f} s")
+    typer.echo(summary.line())
 
 
 # ---------------------------------------------------------------- stats
@@ -196,7 +194,7 @@ def stats(
     """
     import json
 
-    from . import stats as st
+    from wsicodec.stats import report as st
 
     if json_out and csv_out:
         typer.secho("error: choose one of --json and --csv", fg=typer.colors.RED, err=True)
@@ -252,7 +250,7 @@ def eval_(
     from rich.console import Console
     from rich.markup import escape
 
-    from . import evaluate as ev
+    from wsicodec.research import evaluate as ev
 
     err = Console(stderr=True)
     note = (lambda m: None) if quiet else (lambda m: err.print(f"[dim]{escape(m)}[/dim]"))
@@ -315,7 +313,7 @@ def finetune(
     from rich.console import Console
     from rich.markup import escape
 
-    from .finetune import FinetuneConfig, finetune as run
+    from wsicodec.research.finetune import FinetuneConfig, finetune as run
 
     err = Console(stderr=True)
     with _user_errors():
@@ -365,7 +363,7 @@ def train(
 ) -> None:
     """Train an autoencoder (the builtin model's recipe) on your own slides or tiles."""
     with _user_errors():
-        from .train import TrainConfig, train as run_training
+        from wsicodec.research.train import TrainConfig, train as run_training
 
         cfg = TrainConfig(
             data=list(data) + list(extra_data or []), out=out, steps=steps, batch_size=batch_size, crop=crop,

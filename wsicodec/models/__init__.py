@@ -8,8 +8,8 @@
     resolve_model(record, override=None, device=None, verify=True) -> Autoencoder   (for restore)
 """
 
-from .base import Autoencoder, ModelInfo, pick_device, sha256_of_state_dict
-from .registry import (
+from wsicodec.models.base import Autoencoder, ModelInfo, pick_device, sha256_of_state_dict
+from wsicodec.models.registry import (
     MANIFEST_NAME,
     REGISTRY,
     ModelSpec,

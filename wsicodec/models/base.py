@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ModelError
+from wsicodec.errors import ModelError
 
 
 def pick_device(requested: str | torch.device | None = None) -> torch.device:

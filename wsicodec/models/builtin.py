@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ModelError
-from .base import Autoencoder, ModelInfo, pick_device, sha256_of_state_dict
+from wsicodec.errors import ModelError
+from wsicodec.models.base import Autoencoder, ModelInfo, pick_device, sha256_of_state_dict
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_MODEL_ID = "wsicodec-base-f8c4-v1"

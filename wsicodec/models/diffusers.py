@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..errors import ModelError
-from .base import Autoencoder, ModelInfo, pick_device, sha256_of_state_dict
+from wsicodec.errors import ModelError
+from wsicodec.models.base import Autoencoder, ModelInfo, pick_device, sha256_of_state_dict
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .registry import ModelSpec
+    from wsicodec.models.registry import ModelSpec
 
 SUPPORTED = ("AutoencoderKL", "AutoencoderDC", "AutoencoderTiny")
 # AutoencoderTiny's decoder starts with tanh(z/3)*3 (hard-coded in diffusers' DecoderTiny), so it
@@ -122,7 +122,7 @@ class DiffusersAutoencoder(Autoencoder):
     def save(self, folder: str | Path, *, model_id: str, description: str = "", base: str | None = None,
              extra: dict[str, Any] | None = None) -> Path:
         """save_pretrained + ``wsicodec-model.json``; ``load_model(folder)`` reads it back."""
-        from .registry import write_manifest
+        from wsicodec.models.registry import write_manifest
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -198,7 +198,7 @@ def load_diffusers_folder(folder: str | Path, device: str | torch.device | None 
 
 def load_from_hub(spec: "ModelSpec", device: str | torch.device | None = None) -> DiffusersAutoencoder:
     """From the Hugging Face cache if it is there, else from the hub; one-line ModelError otherwise."""
-    from .registry import _hub_source, hub_reachable
+    from wsicodec.models.registry import _hub_source, hub_reachable
 
     kind = spec.builder.split(".", 1)[1]
     cls = _class_for(kind)

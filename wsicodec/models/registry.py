@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from ..errors import ModelError
-from .base import Autoencoder, pick_device
+from wsicodec._paths import shared_dir
+from wsicodec.errors import ModelError
+from wsicodec.models.base import Autoencoder, pick_device
 
 MANIFEST_NAME = "wsicodec-model.json"
 MANIFEST_FORMAT = "wsicodec-model"
@@ -74,7 +75,7 @@ class ModelSpec:
             if _folder_has_weights(folder):
                 return folder
         if self.builder == "taef2":
-            shared = _shared_dir() / "weights" / "taef2"
+            shared = shared_dir() / "weights" / "taef2"
             if _folder_has_weights(shared):
                 return shared
         if _folder_has_weights(Path(self.id)):  # a copy in the current directory, named like the id
@@ -85,7 +86,7 @@ class ModelSpec:
         """Whether loading needs no network: packaged, in a local folder, or in the HF cache."""
         if self.builder == "builtin":
             try:
-                from . import builtin
+                from wsicodec.models import builtin
 
                 return (builtin.WEIGHTS_DIR / builtin.BUILTIN_MODELS[self.id]).is_file()
             except (ImportError, AttributeError, KeyError):
@@ -201,22 +202,22 @@ def load_folder(folder: str | Path, device: str | None = None) -> Autoencoder:
                 raise ModelError(f"{folder} holds a builtin-architecture model, which this installation lacks")
             model = builtin.load_builtin_folder(folder, device)
         elif arch == "taef2":
-            from .taesd import load_taef2_folder
+            from wsicodec.models.taesd import load_taef2_folder
 
             model = load_taef2_folder(folder, device, model_id=model_id)
         else:
-            from .diffusers import load_diffusers_folder
+            from wsicodec.models.diffusers import load_diffusers_folder
 
             model = load_diffusers_folder(_diffusers_dir(folder) or folder, device, model_id=model_id)
         model.info.model_id = model_id
         model.info.source = str(folder)
         return model
 
-    from .taesd import is_taef2_folder, load_taef2_folder
+    from wsicodec.models.taesd import is_taef2_folder, load_taef2_folder
 
     diff_dir = _diffusers_dir(folder)
     if diff_dir is not None:
-        from .diffusers import load_diffusers_folder
+        from wsicodec.models.diffusers import load_diffusers_folder
 
         return load_diffusers_folder(diff_dir, device, model_id=f"local:{folder.name}")
     if is_taef2_folder(folder):
@@ -346,7 +347,7 @@ def _load_spec(spec: ModelSpec, device: str | None) -> Autoencoder:
             "TAEF2 is loaded from a local folder: put taef2_encoder.pth and taef2_decoder.pth in a folder "
             f"and pass --model DIR (or set {MODEL_PATH_ENV} to a folder holding a 'taef2' subfolder)"
         )
-    from .diffusers import load_from_hub
+    from wsicodec.models.diffusers import load_from_hub
 
     return load_from_hub(spec, device)
 
@@ -362,7 +363,7 @@ def _find_spec(name: str) -> ModelSpec | None:
 
 def _builtin_module():
     try:
-        from . import builtin
+        from wsicodec.models import builtin
     except ImportError:
         return None
     if not all(hasattr(builtin, a) for a in ("load_builtin", "DEFAULT_MODEL_ID", "BUILTIN_MODELS")):
@@ -396,7 +397,7 @@ def _folder_has_weights(folder: Path) -> bool:
         return False
     if (folder / MANIFEST_NAME).is_file() or _diffusers_dir(folder) is not None:
         return True
-    from .taesd import DECODER_FILE, ENCODER_FILE
+    from wsicodec.models.taesd import DECODER_FILE, ENCODER_FILE
 
     return (folder / ENCODER_FILE).is_file() and (folder / DECODER_FILE).is_file()
 
@@ -443,13 +444,6 @@ def _manifest_matches(model_id: str) -> list[Path]:
             if manifest is not None and manifest["id"] == model_id:
                 found.append(sub)
     return found
-
-
-def _shared_dir() -> Path:
-    env = os.environ.get("WSICODEC_SHARED")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2].parent / "shared"
 
 
 def _hub_source(hub_id: str, subfolder: str | None) -> str:

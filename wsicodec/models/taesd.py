@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ModelError
-from .base import Autoencoder, ModelInfo, pick_device, sha256_of_state_dict
+from wsicodec.errors import ModelError
+from wsicodec.models.base import Autoencoder, ModelInfo, pick_device, sha256_of_state_dict
 
 ENCODER_FILE = "taef2_encoder.pth"
 DECODER_FILE = "taef2_decoder.pth"
@@ -211,7 +211,7 @@ class TAEF2(Autoencoder):
     def save(self, folder: str | Path, *, model_id: str, description: str = "", base: str | None = None,
              extra: dict[str, Any] | None = None) -> Path:
         """Write the .pth pair and a ``wsicodec-model.json`` manifest; ``load_model(folder)`` reads it back."""
-        from .registry import write_manifest
+        from wsicodec.models.registry import write_manifest
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
     cfg = TrainConfig(data=[...], out=Path("my-model"), steps=20000, ...)
     train(cfg, progress=True) -> Path      # the model folder; `--model DIR` loads it
 
-The recipe: tissue tiles at the archive resolution (wsicodec.data), random crops with flips,
+The recipe: tissue tiles at the archive resolution (wsicodec.research.data), random crops with flips,
 90-degree rotations and mild colour/stain jitter; loss = L1 + w_mse * MSE + w_lpips * LPIPS-Alex
 (+ w_gan * PatchGAN hinge after ``gan_after`` steps); during training the bounded latents get
 uniform noise one quantiser step wide (``levels_noise`` levels over the bound), so the decoder
@@ -30,9 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import WsicodecError
-from .models.base import pick_device
-from .models.builtin import DEFAULT_CONFIG, CodecNet, param_count, save_builtin_folder
+from wsicodec.errors import WsicodecError
+from wsicodec.models.base import pick_device
+from wsicodec.models.builtin import DEFAULT_CONFIG, CodecNet, param_count, save_builtin_folder
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -81,7 +81,7 @@ class TrainConfig:
 # ------------------------------------------------------------------------------- data
 def load_training_tiles(cfg: TrainConfig) -> np.ndarray:
     """uint8 (N,t,t,3). ``.npy`` inputs are taken as ready tile caches (N,t,t,3)."""
-    from .data import load_tiles
+    from wsicodec.research.data import load_tiles
 
     arrays, others = [], []
     for item in cfg.data:
@@ -230,12 +230,12 @@ def train(cfg: TrainConfig, progress: bool = True, log: Callable[[str], None] | 
     if device.type == "cpu":
         net = net.to(memory_format=torch.channels_last)  # oneDNN's fast path on CPU
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    from .lpips import LPIPS
+    from wsicodec.research.lpips import LPIPS
 
     lp = LPIPS("alex").to(device) if cfg.lpips_weight > 0 else None
     disc = d_opt = None
     if cfg.gan_after > 0:
-        from .gan import PatchDiscriminator
+        from wsicodec.research.gan import PatchDiscriminator
 
         disc = PatchDiscriminator(32, 3).to(device)
         d_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.lr * 0.5, betas=(0.5, 0.99))
@@ -338,7 +338,7 @@ def train(cfg: TrainConfig, progress: bool = True, log: Callable[[str], None] | 
                     loss = loss + cfg.lpips_weight * lp(y[:k].clamp(-1, 1), x[:k]).mean()
                 use_gan = disc is not None and step >= cfg.gan_after
                 if use_gan:
-                    from .gan import d_loss, g_loss
+                    from wsicodec.research.gan import d_loss, g_loss
 
                     loss = loss + cfg.gan_weight * g_loss(disc(y))
                 opt.zero_grad(set_to_none=True)

@@ -10,8 +10,8 @@ callers average.
   local statistics from the window (population variances), averaged over the "valid" region (no
   padding). Computed on each RGB channel and averaged over the three channels (``channels="rgb"``,
   the default, as skimage's ``channel_axis`` does), or on BT.601 luma (``channels="luma"``).
-* LPIPS through :mod:`wsicodec.lpips` (AlexNet by default, the usual reporting net).
-* Embedding cosine similarity through an :class:`wsicodec.embeddings.Embedder`.
+* LPIPS through :mod:`wsicodec.research.lpips` (AlexNet by default, the usual reporting net).
+* Embedding cosine similarity through an :class:`wsicodec.research.embeddings.Embedder`.
 """
 
 from __future__ import annotations
@@ -104,8 +104,8 @@ _LPIPS_CACHE: dict[tuple[str, str], Any] = {}
 
 
 def lpips_model(net: str = "alex", device=None):
-    """The LPIPS network from :mod:`wsicodec.lpips`, loaded once per (net, device)."""
-    from . import lpips as _lpips
+    """The LPIPS network from :mod:`wsicodec.research.lpips`, loaded once per (net, device)."""
+    from wsicodec.research import lpips as _lpips
 
     dev = torch.device(device) if device is not None else torch.device("cpu")
     key = (net, str(dev))

@@ -26,13 +26,14 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import ContainerError, ModelError, OutputExistsError, WsicodecError
-from .tiff import COMPRESSIONS, AperioInfo, downsample2, level_dimensions, write_aperio_pyramid
+from wsicodec.errors import ContainerError, ModelError, OutputExistsError, WsicodecError
+from wsicodec.pipeline.tiff import COMPRESSIONS, AperioInfo, downsample2, level_dimensions, write_aperio_pyramid
 
 # Halo in latent cells on each side. TAEF2 on CMU-1 (benchmarks/bench_seams.py), seam ratio / PSNR:
 # 0: 1.71 / 25.84 dB, 1: 1.25 / 25.35, 2: 1.105 / 24.96, 3: 1.073 / 24.75, 4: 1.056 / 24.64.
@@ -333,7 +334,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 # =========================================================================== opening
 def open_container(path):
     """Container.open with every failure turned into one ContainerError line."""
-    from .container import Container
+    from wsicodec.format.container import Container
 
     p = Path(path)
     if not p.exists():
@@ -349,7 +350,7 @@ def open_container(path):
 
 def load_decoder_model(container, override: str | None = None, device: str | None = None, force: bool = False):
     """The model that decodes ``container``, its decoder weights checked against the container's record."""
-    from . import models
+    from wsicodec import models
 
     record = dict(container.model)
     resolve = getattr(models, "resolve_model", None)
@@ -447,6 +448,23 @@ class _Progress:
 
 
 # =========================================================================== restore
+@dataclass(frozen=True)
+class RestoreResult:
+    """What one restore wrote: the TIFF's level sizes, tiles decoded (background tiles are painted), time."""
+
+    output: str
+    levels: tuple[tuple[int, int], ...]
+    tiles: int
+    decoded_tiles: int
+    seconds: float
+    bytes: int
+
+    def line(self) -> str:
+        levels = " ".join(f"{w}x{h}" for w, h in self.levels)
+        return (f"wrote {self.output}: levels {levels}, {self.decoded_tiles} tiles decoded, "
+                f"{self.bytes / 2**20:.1f} MiB in {self.seconds:.1f} s")
+
+
 def restore(
     container_path: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -461,8 +479,8 @@ def restore(
     progress: bool = True,
     halo: int = HALO,
     _model_obj=None,
-) -> dict[str, Any]:
-    """Restore a pyramidal Aperio-layout BigTIFF from a .pzarr container. Returns a summary dict."""
+) -> RestoreResult:
+    """Restore a pyramidal Aperio-layout BigTIFF from a .pzarr container."""
     out_path = Path(out_path)
     if compression not in COMPRESSIONS:
         raise WsicodecError(f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)}")
@@ -492,14 +510,14 @@ def restore(
             quality=quality,
             on_level=lambda level, wh: bar.describe(f"wrote level {level} ({wh[0]}x{wh[1]})"),
         )
-    return {
-        "output": str(out_path),
-        "levels": dims,
-        "tiles": total,
-        "decoded_tiles": decoder.decoded,
-        "seconds": time.perf_counter() - t0,
-        "bytes": out_path.stat().st_size,
-    }
+    return RestoreResult(
+        output=str(out_path),
+        levels=tuple((int(w), int(h)) for w, h in dims),
+        tiles=total,
+        decoded_tiles=decoder.decoded,
+        seconds=time.perf_counter() - t0,
+        bytes=out_path.stat().st_size,
+    )
 
 
 def restore_region(

@@ -22,14 +22,14 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from . import __version__
-from .container import ContainerWriter
-from .errors import WsicodecError
-from .models import load_model
-from .models.base import Autoencoder
-from .quantize import Quantizer, make_quantizer
-from .slide import SourceSlide, TileGrid
-from .tissue import tissue_tiles
+from wsicodec._version import __version__
+from wsicodec.format.container import ContainerWriter
+from wsicodec.errors import WsicodecError
+from wsicodec.models import load_model
+from wsicodec.models.base import Autoencoder
+from wsicodec.quant.quantizer import Quantizer, make_quantizer
+from wsicodec.source.slide import SourceSlide, TileGrid
+from wsicodec.source.tissue import tissue_tiles
 
 Coord = tuple[int, int]
 
@@ -169,8 +169,10 @@ def resolution_record(slide: SourceSlide, grid: TileGrid) -> dict[str, Any]:
     }
 
 
-@dataclass
-class CompressSummary:
+@dataclass(frozen=True)
+class CompressResult:
+    """What one compress run wrote, cost and saved."""
+
     source: str
     output: str
     source_bytes: int
@@ -228,12 +230,12 @@ def compress(slide_path: str | os.PathLike, out_path: str | os.PathLike, *, mode
              source_mpp: float | None = None, tile_size: int = 256, all_tiles: bool = False,
              batch_size: int = 16, device: str | None = None, read_workers: int = 2, sample_tiles: int = 64,
              seed: int = 0, overwrite: bool = False, single_file: bool = False,
-             progress: bool = False) -> CompressSummary:
+             progress: bool = False) -> CompressResult:
     """Compress one slide into a .pzarr container and return what it cost and saved."""
     started = time.perf_counter()
     slide_path, out_path = Path(slide_path), Path(out_path)
     if out_path.exists() and not overwrite:
-        from .errors import OutputExistsError
+        from wsicodec.errors import OutputExistsError
         raise OutputExistsError(f"{out_path} already exists; pass --overwrite to replace it")
     if target_mpp <= 0 or (source_mpp is not None and source_mpp <= 0):
         raise WsicodecError("resolutions must be positive numbers of µm per pixel")
@@ -274,7 +276,7 @@ def compress(slide_path: str | os.PathLike, out_path: str | os.PathLike, *, mode
                 # the source hash finishes in the background; it must be in the attributes before commit
                 writer.source = source_record(slide, hasher.value)
 
-    return CompressSummary(
+    return CompressResult(
         source=str(slide_path), output=str(out_path), source_bytes=slide_path.stat().st_size,
         container_bytes=_disk_bytes(out_path), tiles_total=layout.grid.rows * layout.grid.cols,
         tissue_tiles=len(layout.coords), seconds=time.perf_counter() - started,

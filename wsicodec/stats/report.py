@@ -24,8 +24,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from . import __version__
-from .errors import WsicodecError
+from wsicodec._version import __version__
+from wsicodec.errors import WsicodecError
 
 SCHEMA_VERSION = 1
 # AWS S3 Standard, US East (N. Virginia), first 50 TB per month: $0.023 per GB-month, the list price
@@ -315,7 +315,7 @@ def _reason(exc: BaseException) -> str:
 
 # ------------------------------------------------------------------------------ containers
 def describe_container(path: Path) -> ContainerRow:
-    from .container import Container
+    from wsicodec.format.container import Container
 
     with Container.open(path) as container:
         d = container.describe()
@@ -392,9 +392,9 @@ def estimate_slide(slide_path: Path, autoencoder, *, quant: str | None = None, l
                    tile_size: int = TILE_SIZE, all_tiles: bool = False, seed: int = 0, batch_size: int = 16,
                    read_workers: int = 2, single_file: bool = False, workdir: Path | None = None) -> EstimateRow:
     """Project the container compress would write for one slide from `sample` encoded tissue tiles."""
-    from . import archive as cmp
-    from .container import ContainerWriter, stored_tile_bytes
-    from .slide import SourceSlide
+    from wsicodec.pipeline import compress as cmp
+    from wsicodec.format.container import ContainerWriter, stored_tile_bytes
+    from wsicodec.source.slide import SourceSlide
 
     started = time.perf_counter()
     try:
@@ -459,7 +459,7 @@ def _overhead(written: int, tile_bytes: Sequence[int], sampled: Sequence[tuple[i
     slot per tile. So: the sample container's bytes, minus its tiles' chunks and its shards' indexes,
     plus the indexes of every shard the full container writes, minus the slots the tiles already pay for.
     """
-    from . import container as cont
+    from wsicodec.format import container as cont
 
     side = cont.SHARD_TILES
     entry = cont.SHARD_INDEX_ENTRY_BYTES
@@ -494,12 +494,12 @@ def estimate(paths: Sequence[os.PathLike | str], *, model=None, quant: str | Non
     if not found and not skipped:
         raise WsicodecError("no slides given")
 
-    from .models import load_model
-    from .models.base import Autoencoder
+    from wsicodec.models import load_model
+    from wsicodec.models.base import Autoencoder
 
     autoencoder = model if isinstance(model, Autoencoder) else load_model(model, device=device) if found else None
     if autoencoder is not None:
-        from .archive import choose_quantizer
+        from wsicodec.pipeline.compress import choose_quantizer
 
         try:  # a bad --quant/--levels is the user's mistake once, not a reason to skip every slide
             choose_quantizer(autoencoder, quant, levels)

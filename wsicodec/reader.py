@@ -1,6 +1,6 @@
 """PzarrSlide: an ``openslide.AbstractSlide`` over a .pzarr container, decoding on demand.
 
-    slide = wsicodec.pzslide.open("slide.pzarr")      # (the package exposes it as wsicodec.open)
+    slide = wsicodec.reader.open("slide.pzarr")      # (the package exposes it as wsicodec.open)
     slide.dimensions, slide.level_count, slide.level_dimensions, slide.level_downsamples
     slide.properties["openslide.mpp-x"], slide.associated_images["label"]
     slide.read_region((x, y), level, (w, h))          # RGBA PIL image, like OpenSlide's
@@ -22,7 +22,7 @@ import numpy as np
 import openslide
 from PIL import Image
 
-from .decode import HALO, Pyramid, TileDecoder, load_decoder_model, open_container
+from wsicodec.pipeline.restore import HALO, Pyramid, TileDecoder, load_decoder_model, open_container
 
 VENDOR = "wsicodec"
 SOURCE_PREFIX = "wsicodec.source."

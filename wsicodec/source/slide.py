@@ -41,7 +41,7 @@ import numpy as np
 import openslide
 from PIL import Image
 
-from .errors import SlideError
+from wsicodec.errors import SlideError
 
 MPP_TOLERANCE = 0.02
 # Largest region (level pixels per side) read in one go when building a thumbnail.

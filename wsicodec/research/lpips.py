@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import WsicodecError
+from wsicodec._paths import shared_dir
+from wsicodec.errors import WsicodecError
 
 _FILES = {"alex": "lpips_alexnet_full.safetensors", "vgg": "lpips_vgg16_full.safetensors"}
 
@@ -57,18 +58,11 @@ _SHIFT = (-0.030, -0.088, -0.188)
 _SCALE = (0.458, 0.448, 0.450)
 
 
-def _repo_shared() -> Path:
-    env = os.environ.get("WSICODEC_SHARED")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent.parent / "shared"
-
-
 def lpips_weights_dir() -> Path:
     env = os.environ.get("WSICODEC_LPIPS_WEIGHTS")
     if env:
         return Path(env)
-    return _repo_shared() / "weights" / "lpips"
+    return shared_dir() / "weights" / "lpips"
 
 
 def _resolve(net: str, weights_path: str | Path | None) -> Path:

@@ -10,7 +10,7 @@ containers actually store; optional extra uniform noise widens that.
 Loss = w_l1 * L1(x, y) + w_gan * PatchGAN(y) + w_fm * mean|FM(x) - FM(y)|, where x is the tile,
 y the decoded tile (both in [0, 1]) and FM a frozen embedding network: UNI when it is available,
 else the configured offline embedding (LPIPS-VGG pooled features by default). AdamW at lr 5e-5
-with a linear warm-up; the PatchGAN discriminator (wsicodec.gan, hinge loss) trains alongside.
+with a linear warm-up; the PatchGAN discriminator (wsicodec.research.gan, hinge loss) trains alongside.
 
 The decoder sees whole tiles by default. ``crop`` > 0 trains on random latent crops to save
 compute, but a crop's zero-padded edges are not where a whole tile's are: measured on TAEF2, 30
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import OutputExistsError, WsicodecError
+from wsicodec.errors import OutputExistsError, WsicodecError
 
 CKPT_DIR = "checkpoints"
 CKPT_NAME = "last.pt"
@@ -110,7 +110,7 @@ def _base_id(model_id: str) -> str:
 
 
 def new_model_id(base_id: str, decoder: torch.nn.Module) -> str:
-    from .models.base import sha256_of_state_dict
+    from wsicodec.models.base import sha256_of_state_dict
 
     return f"{_base_id(base_id)}-ft-{sha256_of_state_dict(decoder.state_dict())[:8]}"
 
@@ -132,7 +132,7 @@ def _check_config(cfg: FinetuneConfig) -> None:
         raise WsicodecError("loss weights must be non-negative and not all zero")
     if not cfg.data:
         raise WsicodecError("--data needs at least one slide, image or folder")
-    from .embeddings import SPECS
+    from wsicodec.research.embeddings import SPECS
 
     unknown = [e for e in cfg.fm if e not in SPECS]
     if cfg.w_fm > 0 and (unknown or not cfg.fm):
@@ -178,8 +178,8 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 def _load_training_data(cfg: FinetuneConfig, model, ckpt_dir: Path, say: Callable[[str], None]):
     """(tiles uint8 (N,t,t,3), stored-then-dequantised latents float32, quantiser json) — cached."""
-    from .evaluate import encode_tiles, parse_quants
-    from .quantize import make_quantizer
+    from wsicodec.research.evaluate import encode_tiles, parse_quants
+    from wsicodec.quant.quantizer import make_quantizer
 
     key = _dataset_key(cfg)
     cache = ckpt_dir / DATA_CACHE
@@ -188,7 +188,7 @@ def _load_training_data(cfg: FinetuneConfig, model, ckpt_dir: Path, say: Callabl
         if blob.get("key") == key:
             say(f"training data from cache: {len(blob['tiles'])} tiles")
             return blob["tiles"].numpy(), blob["latents"], blob["quant"], blob["step_size"]
-    from .data import load_tiles
+    from wsicodec.research.data import load_tiles
 
     tiles = load_tiles(cfg.data, tile_size=cfg.tile_size, target_mpp=cfg.target_mpp, images_mpp=cfg.images_mpp,
                        slide_mpp=cfg.slide_mpp, max_tiles=cfg.max_tiles, seed=cfg.seed)
@@ -234,10 +234,10 @@ def _crops(tiles: np.ndarray, latents: torch.Tensor, idx: np.ndarray, crop: int,
 
 def finetune(cfg: FinetuneConfig, say: Callable[[str], None] | None = None, show_progress: bool = True) -> dict:
     """Run (or resume) a decoder fine-tune; returns a summary dict (id, folder, losses, steps)."""
-    from .embeddings import load_first_available
-    from .gan import PatchDiscriminator, d_loss, g_loss
-    from .models import load_model
-    from .models.base import pick_device
+    from wsicodec.research.embeddings import load_first_available
+    from wsicodec.research.gan import PatchDiscriminator, d_loss, g_loss
+    from wsicodec.models import load_model
+    from wsicodec.models.base import pick_device
 
     say = say or (lambda msg: None)
     _check_config(cfg)
@@ -255,7 +255,7 @@ def finetune(cfg: FinetuneConfig, say: Callable[[str], None] | None = None, show
         saved = ckpt["config"]
         for k in ("model", "data", "quant", "tile_size", "target_mpp", "images_mpp", "max_tiles", "seed"):
             setattr(cfg, k, saved[k])
-    from .data import expand_inputs
+    from wsicodec.research.data import expand_inputs
 
     expand_inputs(cfg.data)  # missing inputs fail before anything is written
     dev = pick_device(cfg.device)
@@ -378,7 +378,7 @@ def _write_model(model, out: Path, *, model_id: str, base: str, description: str
     """Weights first, manifest last (the loader only trusts folders with a manifest)."""
     manifest = out / MANIFEST_NAME
     manifest.unlink(missing_ok=True)  # a resumed run rewrites the model: never pair old manifest, new weights
-    from .models import builtin
+    from wsicodec.models import builtin
 
     if not isinstance(model, builtin.BuiltinAutoencoder):
         try:

@@ -10,10 +10,10 @@ its reconstruction is:
 
 * JPEG (Pillow, default settings: 4:2:0 chroma, no ``optimize``): bytes = the JPEG file's bytes.
 * each model x quantiser: the quantiser is fitted on the evaluated tiles' latents (as compress fits
-  it on a slide's latents); bytes = :func:`wsicodec.container.stored_tile_bytes` of the stored tile,
+  it on a slide's latents); bytes = :func:`wsicodec.format.container.stored_tile_bytes` of the stored tile,
   the bytes a container (and ``stats``) spend on it, lossless chunk compression included.
 
-Metrics are averaged over tiles; see :mod:`wsicodec.metrics` for their definitions.
+Metrics are averaged over tiles; see :mod:`wsicodec.research.metrics` for their definitions.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from . import metrics as M
-from .errors import WsicodecError
+from wsicodec.research import metrics as M
+from wsicodec.errors import WsicodecError
 
 DEFAULT_JPEG = (75, 50, 20, 10)
 DEFAULT_QUANTS = ("none", "int8", "kmeans")
@@ -63,7 +63,7 @@ def parse_jpeg_qualities(text: str | Iterable[int] | None) -> list[int]:
 
 def parse_quants(text: str | Iterable[str] | None) -> list[tuple[str, int | None]]:
     """"none,int8,kmeans,uniform:64" -> [(kind, levels or None), ...]."""
-    from .quantize import KINDS, MAX_LEVELS
+    from wsicodec.quant.quantizer import KINDS, MAX_LEVELS
 
     if text is None:
         text = ",".join(DEFAULT_QUANTS)
@@ -123,8 +123,8 @@ def decode_latents(model, latents: torch.Tensor, batch_size: int) -> np.ndarray:
 
 def model_roundtrip(model, latents: torch.Tensor, kind: str, levels: int | None, batch_size: int):
     """Quantise as a container would: (reconstructed uint8 tiles, stored bytes per tile, quantiser)."""
-    from .container import stored_tile_bytes
-    from .quantize import make_quantizer
+    from wsicodec.format.container import stored_tile_bytes
+    from wsicodec.quant.quantizer import make_quantizer
 
     kwargs: dict[str, Any] = {"model_info": model.info}
     if levels:
@@ -324,7 +324,7 @@ def write_report(report: EvalReport, csv_path=None, json_path=None, markdown_pat
 # ---------------------------------------------------------------- the evaluation
 def load_eval_tiles(inputs, *, tile_size=256, target_mpp=0.5, images_mpp=None, slide_mpp=None, max_tiles=None,
                     seed=0) -> np.ndarray:
-    from .data import load_tiles
+    from wsicodec.research.data import load_tiles
 
     tiles = load_tiles(inputs, tile_size=tile_size, target_mpp=target_mpp, images_mpp=images_mpp,
                        slide_mpp=slide_mpp, max_tiles=max_tiles, seed=seed)
@@ -384,8 +384,8 @@ def evaluate(
     ``models`` holds Autoencoder objects or names/paths for :func:`wsicodec.models.load_model`.
     An embedder that is unavailable is reported through ``warn`` and left out.
     """
-    from .embeddings import EmbedderUnavailable, load_embedder
-    from .models.base import pick_device
+    from wsicodec.research.embeddings import EmbedderUnavailable, load_embedder
+    from wsicodec.models.base import pick_device
 
     warn = warn or (lambda msg: None)
     progress = progress or (lambda msg: None)
@@ -398,7 +398,7 @@ def evaluate(
     quant_list = parse_quants(quants)
     jpeg_list = parse_jpeg_qualities(jpeg)
 
-    from .embeddings import SPECS
+    from wsicodec.research.embeddings import SPECS
 
     embedders = list(embedders)
     unknown = [e for e in embedders if e not in SPECS]
@@ -432,7 +432,7 @@ def evaluate(
     for m in models:
         model = m
         if isinstance(m, (str, Path)) or m is None:
-            from .models import load_model
+            from wsicodec.models import load_model
 
             model = load_model(None if m is None else str(m), device=str(dev))
         mid = model.info.model_id

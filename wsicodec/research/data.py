@@ -5,8 +5,8 @@
     load_tiles(inputs, *, tile_size=256, target_mpp=0.5, images_mpp=None, slide_mpp=None,
                max_tiles=None, seed=0, min_tissue=0.2) -> np.ndarray uint8 (N,t,t,3)
 
-Inputs are slides (anything OpenSlide opens; tissue tiles only, decided by wsicodec.tissue on the
-slide's thumbnail, read at ``target_mpp`` by wsicodec.slide) and image files or folders of them
+Inputs are slides (anything OpenSlide opens; tissue tiles only, decided by wsicodec.source.tissue on the
+slide's thumbnail, read at ``target_mpp`` by wsicodec.source.slide) and image files or folders of them
 (png, tif/tiff, jpg/jpeg). Images: RGBA is composited on white; when ``images_mpp`` is given they
 are resampled to ``target_mpp`` by area averaging; they are cut into a grid of tile-sized crops
 covering the image, the last row and column aligned to the image's edge (images smaller than a
@@ -21,7 +21,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .errors import SlideError, WsicodecError
+from wsicodec.errors import SlideError, WsicodecError
 
 IMAGE_SUFFIXES = {".png", ".tif", ".tiff", ".jpg", ".jpeg"}
 SLIDE_SUFFIXES = {".svs", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm", ".czi"}
@@ -158,7 +158,7 @@ def image_crops(img: np.ndarray, tile_size: int, min_tissue: float = 0.2) -> Ite
 
 
 def _open_slide(path: Path, slide_mpp: float | None):
-    from .slide import SourceSlide
+    from wsicodec.source.slide import SourceSlide
 
     try:
         return SourceSlide(path)
@@ -170,7 +170,7 @@ def _open_slide(path: Path, slide_mpp: float | None):
 
 def _slide_tiles(path: Path, tile_size: int, target_mpp: float, slide_mpp: float | None,
                  rng: np.random.Generator | None, cap: int | None) -> Iterator[np.ndarray]:
-    from .tissue import tissue_tiles
+    from wsicodec.source.tissue import tissue_tiles
 
     slide = _open_slide(path, slide_mpp)
     grid = slide.grid(target_mpp=target_mpp, tile_size=tile_size)

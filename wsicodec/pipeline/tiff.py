@@ -13,7 +13,7 @@ iterator of strips; each level is downsampled into a raw temporary file on disk 
 and the next level is streamed back from that file, so no level is ever held in RAM.
 
 Each reduced pixel is ``(a + b + c + d + 2) // 4`` of the 2x2 block above it (level sizes are
-floored), the same rule :func:`downsample2` applies for :class:`wsicodec.pzslide.PzarrSlide`, so a
+floored), the same rule :func:`downsample2` applies for :class:`wsicodec.reader.PzarrSlide`, so a
 lossless TIFF and the on-demand reader agree pixel for pixel.
 """
 
@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import tifffile
 
-from . import __version__
+from wsicodec._version import __version__
 
 COMPRESSIONS = ("jpeg", "deflate", "lzw", "zstd")
 # what tifffile calls them; all are TIFF codecs that OpenSlide's libtiff decodes

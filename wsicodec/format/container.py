@@ -36,8 +36,8 @@ import zarr
 from numcodecs.zstd import Zstd
 from zarr.codecs import ZstdCodec
 
-from .errors import ContainerError, OutputExistsError
-from .quantize import Quantizer
+from wsicodec.errors import ContainerError, OutputExistsError
+from wsicodec.quant.quantizer import Quantizer
 
 FORMAT_NAME = "pzarr"
 FORMAT_VERSION = "1.0"
@@ -106,7 +106,7 @@ def _plain(x: Any) -> Any:
 
 def _tool_version() -> str:
     try:
-        from . import __version__
+        from wsicodec._version import __version__
 
         return str(__version__)
     except Exception:  # pragma: no cover
@@ -603,7 +603,7 @@ class Container:
     def grid(self) -> Any:
         g = self.attrs["grid"]
         try:
-            from .slide import TileGrid
+            from wsicodec.source.slide import TileGrid
 
             return TileGrid.from_json(g)
         except Exception:

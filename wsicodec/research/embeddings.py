@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 import torch
 import torch.nn.functional as F
 
-from .errors import WsicodecError
+from wsicodec.errors import WsicodecError
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -204,7 +204,7 @@ def _build_phikon(spec: EmbedderSpec, device: torch.device) -> Embedder:
 
 
 def _build_standin(spec: EmbedderSpec, device: torch.device) -> Embedder:
-    from . import lpips as _lpips
+    from wsicodec.research import lpips as _lpips
 
     net_name = spec.name.split("-", 1)[1]
     net = _lpips.LPIPS(net_name).to(device)

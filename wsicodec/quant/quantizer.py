@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import WsicodecError
+from wsicodec.errors import WsicodecError
 
 
 class QuantizerError(WsicodecError, ValueError):

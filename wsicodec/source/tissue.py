@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from .slide import TileGrid
+from wsicodec.source.slide import TileGrid
 
 # Saturation (max - min) / max: glass is ~0.0-0.03, pale stroma and fat membranes from ~0.07.
 _SAT_MIN, _SAT_MAX = 0.08, 0.2

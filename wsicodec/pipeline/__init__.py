@@ -1,0 +1,1 @@
+"""Pipelines: slide -> container (compress), container -> pixels (decoder, restore, TIFF writer)."""

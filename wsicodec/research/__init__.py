@@ -1,0 +1,1 @@
+"""Research tools: training and evaluation data, metrics, LPIPS, PatchGAN, embeddings, train, finetune, eval."""

@@ -1,0 +1,1 @@
+"""Storage-team statistics: what containers take, and what compressing slides would save."""
