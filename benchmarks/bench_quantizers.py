@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from numcodecs.zstd import Zstd  # noqa: E402
 
-from wsicodec.format import container as ct  # noqa: E402
+from wsicodec import format as ct  # noqa: E402
 from wsicodec.quant.quantizer import make_quantizer  # noqa: E402
 
 

@@ -38,7 +38,7 @@ def make_container(side: int, workdir: Path) -> None:
     import numpy as np
     import torch
 
-    from wsicodec.format.container import ContainerWriter
+    from wsicodec.format import ContainerWriter
     from wsicodec.models import load_model
     from wsicodec.models.builtin import build_net, save_builtin_folder
     from wsicodec.quant.quantizer import make_quantizer

@@ -11,7 +11,7 @@ import pytest
 import torch
 import zarr
 
-from wsicodec.format.container import Container, ContainerWriter, stored_tile_bytes
+from wsicodec.format import Container, ContainerWriter, stored_tile_bytes
 from wsicodec.errors import ContainerError, OutputExistsError
 from wsicodec.models.base import ModelInfo
 from wsicodec.quant.quantizer import make_quantizer
@@ -426,13 +426,17 @@ def test_float16_none_quantizer_round_trip(tmp_path):
 
 
 def test_leftovers_of_a_killed_writer_are_cleaned_up(tmp_path, quantizer):
-    dead = tmp_path / ".slide.pzarr.partial-999999999"  # no such process
+    from wsicodec._io import _HOST
+
+    dead = tmp_path / f".slide.pzarr.partial-{_HOST}-999999999-abcd0123"  # this host, no such process
     (dead / "latents").mkdir(parents=True)
-    other = tmp_path / ".other.pzarr.partial-999999999"  # another output's: left alone
+    foreign = tmp_path / ".slide.pzarr.partial-otherhost-999999999-abcd0123"  # another host's: maybe alive
+    foreign.mkdir()
+    other = tmp_path / f".other.pzarr.partial-{_HOST}-999999999-abcd0123"  # another output's: left alone
     other.mkdir()
     tiles = make_tiles(quantizer, tissue_mask())
     write(tmp_path / "slide.pzarr", quantizer, tiles)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.pzarr.partial-999999999", "slide.pzarr"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, foreign.name, "slide.pzarr"])
 
 
 def test_slide_without_tissue_and_odd_associated_images(tmp_path, quantizer):

@@ -17,7 +17,7 @@ import pytest
 import torch
 import zarr
 
-from wsicodec.format import container as ct
+from wsicodec import format as ct
 from wsicodec.models.base import ModelInfo
 from wsicodec.quant.quantizer import DEFAULT_INT8_RANGE, make_quantizer
 

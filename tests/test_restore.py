@@ -23,7 +23,8 @@ from typer.testing import CliRunner
 
 import wsicodec.reader
 from wsicodec.cli import app
-from wsicodec.pipeline.restore import psnr, restore, restore_region, seam_ratio
+from wsicodec.pipeline.restore import restore, restore_region
+from wsicodec.quality import psnr, seam_ratio
 
 TINY = {"enc_widths": [8], "enc_blocks": [1], "dec_widths": [8, 8], "dec_blocks": [1, 1]}
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import jsonschema
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from wsicodec.stats import report as st

@@ -15,6 +15,7 @@ from typing import Optional
 import typer
 
 from wsicodec.errors import WsicodecError
+from wsicodec.quant.quantizer import KINDS, kinds_help
 
 app = typer.Typer(
     add_completion=False,
@@ -41,7 +42,7 @@ def compress(
     slide: Path = typer.Argument(..., help="Source slide: anything OpenSlide opens (.svs, .ndpi, .mrxs, DICOM, TIFF...)."),
     out: Path = typer.Argument(..., help="Output container, e.g. slide.pzarr"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Registry name or local model folder; default: the builtin model. See `wsicodec models`."),
-    quant: Optional[str] = typer.Option(None, "--quant", help="kmeans | uniform | int8 | none; default: the model's recommended quantiser, else kmeans."),
+    quant: Optional[str] = typer.Option(None, "--quant", help=f"{kinds_help()}; default: the model's recommended quantiser, else kmeans."),
     levels: Optional[int] = typer.Option(None, "--levels", min=2, max=256, help="Quantiser levels (<= 256; fewer levels, fewer bytes)."),
     mpp: float = typer.Option(0.5, "--mpp", help="Archive resolution in µm/px (0.5 = 20x)."),
     source_mpp: Optional[float] = typer.Option(None, "--source-mpp", help="The source's µm/px, for slides that don't record it (overrides the slide's own)."),
@@ -173,7 +174,7 @@ def stats(
     paths: list[Path] = typer.Argument(..., help="Containers (or slides with --estimate), or folders to search."),
     estimate: bool = typer.Option(False, "--estimate", help="Project the containers of slides not yet compressed, from a sample of tiles."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="With --estimate: registry name or local model folder; default: the builtin model."),
-    quant: Optional[str] = typer.Option(None, "--quant", help="With --estimate: kmeans | uniform | int8 | none; default as compress."),
+    quant: Optional[str] = typer.Option(None, "--quant", help=f"With --estimate: {' | '.join(KINDS)}; default as compress."),
     levels: Optional[int] = typer.Option(None, "--levels", min=2, max=256, help="With --estimate: quantiser levels."),
     sample: int = typer.Option(32, "--sample", min=2, help="With --estimate: tissue tiles encoded per slide."),
     mpp: float = typer.Option(0.5, "--mpp", help="With --estimate: archive resolution in µm/px (0.5 = 20x)."),
@@ -230,7 +231,7 @@ def stats(
 def eval_(
     inputs: list[Path] = typer.Argument(..., help="Slides (tissue tiles at --mpp) and/or images or folders of image tiles."),
     model: Optional[list[str]] = typer.Option(None, "--model", "-m", help="Registry name or local model folder; repeat for several. Default: the builtin model; 'none' for JPEG only."),
-    quant: str = typer.Option("none,int8,kmeans", "--quant", help="Quantisers per model, comma-separated: none, int8, kmeans, uniform; levels as kmeans:128, uniform:64."),
+    quant: str = typer.Option("none,int8,kmeans", "--quant", help=f"Quantisers per model, comma-separated: {', '.join(KINDS)}; levels as kmeans:128, uniform:64."),
     jpeg: str = typer.Option("75,50,20,10", "--jpeg", help="JPEG qualities (Pillow), comma-separated; '' for none."),
     embedder: Optional[list[str]] = typer.Option(None, "--embedder", "-e", help="uni, phikon-v2, gigapath (gated hub models), lpips-vgg, lpips-alex (offline stand-ins); repeat. Default: uni and lpips-vgg."),
     images_mpp: Optional[float] = typer.Option(None, "--images-mpp", help="µm/px of the image inputs (MoNuSeg: 0.25), resampled to --mpp; default: taken as they are."),
@@ -295,7 +296,7 @@ def finetune(
     w_fm: float = typer.Option(1.0, "--w-fm", min=0),
     fm: str = typer.Option("uni,lpips-vgg", "--fm", help="Feature-matching embedders, first available wins: uni, phikon-v2, gigapath, lpips-vgg, lpips-alex."),
     gan_start: int = typer.Option(200, "--gan-start", min=0, help="Discriminator warm-up: step at which the PatchGAN term reaches the decoder (the discriminator trains from step 0)."),
-    quant: str = typer.Option("kmeans", "--quant", help="Quantiser the decoder is tuned for: kmeans, uniform[:N], int8, none."),
+    quant: str = typer.Option("kmeans", "--quant", help=f"Quantiser the decoder is tuned for: {', '.join(KINDS)} (levels as uniform:N)."),
     latent_noise: float = typer.Option(0.0, "--latent-noise", min=0, help="Extra uniform latent noise, in quantiser level spacings."),
     crop: int = typer.Option(0, "--crop", min=0, help="Train on random crops of this many output pixels; 0 (default) = whole tiles, as they are decoded."),
     images_mpp: Optional[float] = typer.Option(None, "--images-mpp", help="µm/px of image inputs, resampled to --mpp."),

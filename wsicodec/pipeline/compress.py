@@ -17,13 +17,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from wsicodec._io import disk_bytes
+from wsicodec._progress import progress_bar
 from wsicodec._version import __version__
-from wsicodec.format.container import ContainerWriter
+from wsicodec.format import ContainerWriter
 from wsicodec.errors import WsicodecError
 from wsicodec.models import load_model
 from wsicodec.models.base import Autoencoder
@@ -208,22 +210,6 @@ def _human(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def _progress(enabled: bool):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-    from rich.text import Text
-
-    class TilesPerSecond(ProgressColumn):
-        def render(self, task):
-            # the average since the start: steadier than rich's windowed speed when batches arrive in bursts
-            elapsed = task.finished_time if task.finished else task.elapsed
-            speed = task.completed / elapsed if elapsed else 0.0
-            return Text(f"{speed:.1f} tiles/s")
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TilesPerSecond(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                    disable=not enabled)
-
 
 def compress(slide_path: str | os.PathLike, out_path: str | os.PathLike, *, model: str | Autoencoder | None = None,
              quant: str | None = None, levels: int | None = None, target_mpp: float = 0.5,
@@ -251,7 +237,7 @@ def compress(slide_path: str | os.PathLike, out_path: str | os.PathLike, *, mode
         quantizer = choose_quantizer(autoencoder, quant, levels)
         layout = plan(slide, target_mpp=target_mpp, tile_size=tile_size, all_tiles=all_tiles)
 
-        prog = _progress(progress)
+        prog = progress_bar(progress, unit="tiles")
         with prog:
             task = prog.add_task("compress", total=len(layout.coords))
             fitted = fit_quantizer(quantizer, autoencoder, slide, layout.grid, layout.coords,
@@ -278,13 +264,8 @@ def compress(slide_path: str | os.PathLike, out_path: str | os.PathLike, *, mode
 
     return CompressResult(
         source=str(slide_path), output=str(out_path), source_bytes=slide_path.stat().st_size,
-        container_bytes=_disk_bytes(out_path), tiles_total=layout.grid.rows * layout.grid.cols,
+        container_bytes=disk_bytes(out_path), tiles_total=layout.grid.rows * layout.grid.cols,
         tissue_tiles=len(layout.coords), seconds=time.perf_counter() - started,
         model_id=autoencoder.info.model_id, quantizer=quantizer.to_json(),
     )
 
-
-def _disk_bytes(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

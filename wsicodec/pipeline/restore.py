@@ -8,7 +8,6 @@
     pyr.region(level, x, y, w, h) -> uint8 (h, w, 3) in level pixels; white outside the image
     restore(container_path, out_path, ...)        # the pyramidal BigTIFF
     restore_region(container_path, out_path, x, y, w, h, level=0, ...)   # one region as PNG/TIFF/...
-    seam_ratio(image, tile_size, tissue) -> float # tile-border vs interior neighbour differences
 
 Why a halo: a decoder's output pixel depends on latents well past its own tile, so decoding a
 tile's latents alone changes the pixels near its border (visible seams). Each tile is decoded
@@ -20,7 +19,6 @@ docs/restore.md.
 
 from __future__ import annotations
 
-import math
 import os
 import queue
 import threading
@@ -32,6 +30,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from wsicodec._io import atomic_output
+from wsicodec._progress import progress_bar
 from wsicodec.errors import ContainerError, ModelError, OutputExistsError, WsicodecError
 from wsicodec.pipeline.tiff import COMPRESSIONS, AperioInfo, downsample2, level_dimensions, write_aperio_pyramid
 
@@ -293,44 +293,6 @@ class Pyramid:
         return out, inside
 
 
-# =========================================================================== quality figures
-def seam_ratio(image: np.ndarray, tile_size: int, tissue: np.ndarray | None = None) -> float:
-    """Mean |difference| of neighbouring pixels straddling tile borders over the same inside tiles.
-
-    Only pairs of pixels whose tiles both hold tissue count (``tissue``: bool (rows, cols); None =
-    all tiles): a border between tissue and white background is a real edge, not a seam.
-    Both horizontal and vertical neighbours count. 1.0 means borders are invisible statistically.
-    """
-    img = np.asarray(image, dtype=np.int16)
-    h, w = img.shape[:2]
-    t = tile_size
-    rows, cols = math.ceil(h / t), math.ceil(w / t)
-    if tissue is None:
-        tissue = np.ones((rows, cols), bool)
-    tissue = np.asarray(tissue, bool)[:rows, :cols]
-    # per-pixel tissue flag, expanded from the tile mask
-    mask = np.repeat(np.repeat(tissue, t, axis=0), t, axis=1)[:h, :w]
-    sums = {"border": 0.0, "inside": 0.0}
-    counts = {"border": 0, "inside": 0}
-    for axis in (0, 1):
-        d = np.abs(np.diff(img, axis=axis)).mean(axis=2)  # d[k] compares pixel k and k+1
-        both = mask[1:, :] & mask[:-1, :] if axis == 0 else mask[:, 1:] & mask[:, :-1]
-        n = d.shape[axis]
-        at_border = (np.arange(n) + 1) % t == 0
-        sel = at_border[:, None] if axis == 0 else at_border[None, :]
-        for name, where in (("border", both & sel), ("inside", both & ~sel)):
-            sums[name] += float(d[where].sum())
-            counts[name] += int(where.sum())
-    if not counts["border"] or not counts["inside"] or sums["inside"] == 0:
-        return float("nan")
-    return (sums["border"] / counts["border"]) / (sums["inside"] / counts["inside"])
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
-
-
 # =========================================================================== opening
 def open_container(path):
     """Container.open with every failure turned into one ContainerError line."""
@@ -399,52 +361,25 @@ def _check_output(out_path: Path, overwrite: bool) -> None:
 
 
 class _Progress:
-    """A rich progress bar with tiles/s, or nothing."""
+    """The shared progress bar, driven by tile counts and level messages."""
 
     def __init__(self, enabled: bool, total: int, description: str):
-        self._bar = None
-        if enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
+        self._bar = progress_bar(enabled, unit="tiles")
+        self._task = self._bar.add_task(description, total=total)
 
-            self._bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]} tiles/s"),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                transient=False,
-            )
-            self._task = self._bar.add_task(description, total=total, rate="-")
-            self._t0 = time.perf_counter()
-            self._done = 0
-
-    def __enter__(self):
-        if self._bar:
-            self._bar.__enter__()
+    def __enter__(self) -> "_Progress":
+        self._bar.__enter__()
         return self
 
-    def __exit__(self, *exc):
-        if self._bar:
-            self._bar.__exit__(*exc)
+    def __exit__(self, *exc: Any) -> bool:
+        self._bar.__exit__(*exc)
         return False
 
     def advance(self, n: int) -> None:
-        if self._bar:
-            self._done += n
-            rate = self._done / max(time.perf_counter() - self._t0, 1e-9)
-            self._bar.update(self._task, advance=n, rate=f"{rate:.1f}")
+        self._bar.update(self._task, advance=n)
 
     def describe(self, text: str) -> None:
-        if self._bar:
-            self._bar.update(self._task, description=text)
+        self._bar.update(self._task, description=text)
 
 
 # =========================================================================== restore
@@ -509,6 +444,7 @@ def restore(
             compression=compression,
             quality=quality,
             on_level=lambda level, wh: bar.describe(f"wrote level {level} ({wh[0]}x{wh[1]})"),
+            overwrite=overwrite,
         )
     return RestoreResult(
         output=str(out_path),
@@ -564,14 +500,12 @@ def restore_region(
         )
     img, _ = pyr.region(level, x // s, y // s, w, h)
     if out_path is not None:
-        tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.partial{out_path.suffix}")
+        fmt = Image.registered_extensions().get(out_path.suffix.lower())
+        if fmt is None:
+            raise WsicodecError(f"cannot write {out_path.name}: unknown image suffix {out_path.suffix!r}")
         try:
-            Image.fromarray(img).save(tmp)
-            os.replace(tmp, out_path)
-        except (ValueError, KeyError) as exc:
-            tmp.unlink(missing_ok=True)
+            with atomic_output(out_path, overwrite=overwrite) as tmp:
+                Image.fromarray(img).save(tmp, format=fmt)
+        except (ValueError, KeyError, OSError) as exc:
             raise WsicodecError(f"cannot write {out_path.name}: {exc}") from None
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
     return img

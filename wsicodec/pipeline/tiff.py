@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import tifffile
 
+from wsicodec._io import atomic_output
 from wsicodec._version import __version__
 
 COMPRESSIONS = ("jpeg", "deflate", "lzw", "zstd")
@@ -202,6 +203,7 @@ def write_aperio_pyramid(
     quality: int = 90,
     min_side: int = MIN_LEVEL_SIDE,
     on_level: Callable[[int, tuple[int, int]], None] | None = None,
+    overwrite: bool = True,
 ) -> list[tuple[int, int]]:
     """Write the pyramid to ``out_path`` (via a temporary name, renamed at the end).
 
@@ -222,9 +224,8 @@ def write_aperio_pyramid(
         px_per_cm = 1e4 / (info.mpp * downsample)
         return {"resolution": (px_per_cm, px_per_cm), "resolutionunit": "CENTIMETER"}
 
-    tmp_out = out_path.with_name(f".{out_path.name}.{os.getpid()}.partial")
     thumb = _ThumbAccumulator(width, height)
-    try:
+    with atomic_output(out_path, overwrite=overwrite) as tmp_out:
         with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=f".{out_path.name}.levels-") as tmpdir:
             with tifffile.TiffWriter(tmp_out, bigtiff=True) as tw:
                 source: Iterable[np.ndarray] = strips
@@ -276,10 +277,6 @@ def write_aperio_pyramid(
                     desc = f"{head}{name} {img.shape[1]}x{img.shape[0]}"
                     # labels carry barcodes and text: keep them lossless
                     _write_stripped(tw, img, desc, subtype, "lzw" if name == "label" else compression, quality)
-        os.replace(tmp_out, out_path)
-    except BaseException:
-        tmp_out.unlink(missing_ok=True)
-        raise
     return dims
 
 

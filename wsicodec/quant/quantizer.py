@@ -16,7 +16,8 @@ needs one rule only: ``value = codebook[channel if per_channel else 0][index]``.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -28,7 +29,6 @@ class QuantizerError(WsicodecError, ValueError):
     """A bad quantiser choice (kind, level count): the user's input, reported as one line."""
 
 
-KINDS = ("kmeans", "uniform", "int8", "none")
 MAX_LEVELS = 256  # indices are uint8
 
 # --quant int8 when the model states no hard latent bound: 256 levels over this fixed range.
@@ -42,11 +42,6 @@ _ROBUST_PCT = (0.1, 99.9)  # k-means starts from levels evenly spaced over this 
 # latents: 0.01-99.99 % gives 3.6x lower error than 0.1-99.9 % at 256 levels, and 4 % fewer bytes)
 _UNIFORM_PCT = (0.01, 99.99)
 _LLOYD_MAX_ITERS = 2000
-# One shared codebook by default. Measured on TAEF2 latents of CMU-1 (benchmarks/bench_quantizers.py,
-# codebooks fitted on half the tiles, measured on the other half): per-channel K-means-256 has 19 % lower
-# error than shared K-means-256 but its indices cost 2.3 % more bytes (plus a 32 KB codebook); at equal
-# bytes (per-channel with 224 levels vs shared with 256) the shared codebook is as good or better.
-DEFAULT_PER_CHANNEL = {"kmeans": False, "uniform": False}
 
 
 def _as_channels_first(x: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -128,6 +123,50 @@ def _lloyd_1d(hist: _Histogram, levels: int) -> np.ndarray:
     return c.astype(np.float32)
 
 
+def _uniform_levels(hist: _Histogram, levels: int) -> np.ndarray:
+    """Evenly spaced levels over the robust range of this slide's latents."""
+    lo, hi = hist.percentile(_UNIFORM_PCT[0]), hist.percentile(_UNIFORM_PCT[1])
+    if hi <= lo:
+        lo, hi = hist.lo, max(hist.hi, hist.lo + 1e-6)
+    return np.linspace(lo, hi, levels, dtype=np.float64).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class QuantKind:
+    """One quantiser strategy. Every kind but ``none`` stores uint8 indices into a codebook (the format's
+    one rule); kinds differ only in how that codebook is chosen."""
+
+    name: str
+    summary: str  # one line for CLI help and docs
+    fit_levels: Callable[[_Histogram, int], np.ndarray] | None  # per-slide fit; None: static or no codebook
+    takes_levels: bool  # whether "kind:N" chooses the level count
+    per_channel_default: bool = False
+
+
+# One shared codebook by default. Measured on TAEF2 latents of CMU-1 (benchmarks/bench_quantizers.py,
+# codebooks fitted on half the tiles, measured on the other half): per-channel K-means-256 has 19 % lower
+# error than shared K-means-256 but its indices cost 2.3 % more bytes (plus a 32 KB codebook); at equal
+# bytes (per-channel with 224 levels vs shared with 256) the shared codebook is as good or better.
+QUANT_KINDS: dict[str, QuantKind] = {k.name: k for k in (
+    QuantKind("kmeans", "K-means codebook fitted per slide (the paper's)", _lloyd_1d, True),
+    QuantKind("uniform", "evenly spaced levels over the slide's robust range", _uniform_levels, True),
+    QuantKind("int8", "static 256 levels over the model's latent range", None, False),
+    QuantKind("none", "float16 latents, no quantisation (reference)", None, False),
+)}
+KINDS = tuple(QUANT_KINDS)
+
+
+def kinds_help() -> str:
+    """'kmeans (K-means codebook ...) | uniform (...) | ...' for CLI help, from the table."""
+    return " | ".join(f"{k.name} ({k.summary})" for k in QUANT_KINDS.values())
+
+
+def quant_label(kind: str, levels: int | None) -> str:
+    """How evaluation tables and stats name a quantiser: 'kmeans-256', 'int8', 'none'."""
+    spec = QUANT_KINDS.get(kind)
+    return f"{kind}-{levels}" if levels and spec is not None and spec.takes_levels else str(kind)
+
+
 class Quantizer:
     """Maps float latents to stored values and back. Build with :func:`make_quantizer`."""
 
@@ -157,7 +196,7 @@ class Quantizer:
 
     @property
     def needs_fit(self) -> bool:
-        return self.kind in ("kmeans", "uniform")
+        return QUANT_KINDS[self.kind].fit_levels is not None
 
     # --------------------------------------------------------------------------- fitting
     def fit(self, sample: torch.Tensor | np.ndarray) -> "Quantizer":
@@ -167,17 +206,9 @@ class Quantizer:
         x = _as_channels_first(sample)
         self.fit_values = int(x.numel())
         groups = list(x) if self.per_channel else [x.reshape(-1)]
-        if self.kind == "kmeans":
-            books = [_lloyd_1d(_Histogram(g), self.levels) for g in groups]
-        else:  # uniform over the robust range
-            books = []
-            for g in groups:
-                h = _Histogram(g)
-                lo, hi = h.percentile(_UNIFORM_PCT[0]), h.percentile(_UNIFORM_PCT[1])
-                if hi <= lo:
-                    lo, hi = h.lo, max(h.hi, h.lo + 1e-6)
-                books.append(np.linspace(lo, hi, self.levels, dtype=np.float64).astype(np.float32))
-        self.codebook = np.stack(books).astype(np.float32)
+        fit_levels = QUANT_KINDS[self.kind].fit_levels
+        assert fit_levels is not None  # needs_fit says so
+        self.codebook = np.stack([fit_levels(_Histogram(g), self.levels) for g in groups]).astype(np.float32)
         if self.kind == "uniform" and not self.per_channel:
             self.range = (float(self.codebook[0, 0]), float(self.codebook[0, -1]))
         self._mids = self._table = None
@@ -298,5 +329,5 @@ def make_quantizer(kind: str = "kmeans", levels: int = 256, latent_range: tuple[
     if kind == "none":
         return Quantizer("none")
     if per_channel is None:
-        per_channel = DEFAULT_PER_CHANNEL[kind]
+        per_channel = QUANT_KINDS[kind].per_channel_default
     return Quantizer(kind, levels, per_channel=per_channel)

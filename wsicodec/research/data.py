@@ -21,10 +21,12 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from wsicodec.source.slide import SLIDE_SUFFIXES
 from wsicodec.errors import SlideError, WsicodecError
 
 IMAGE_SUFFIXES = {".png", ".tif", ".tiff", ".jpg", ".jpeg"}
-SLIDE_SUFFIXES = {".svs", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm", ".czi"}
+# here a .tif/.tiff is a picture unless it has a pyramid (checked per file); a .dcm names its series
+WHOLE_SLIDE_SUFFIXES = (SLIDE_SUFFIXES - IMAGE_SUFFIXES) | {".dcm"}
 
 
 def expand_inputs(inputs: Iterable[str | Path]) -> list[tuple[str, Path]]:
@@ -41,12 +43,12 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[tuple[str, Path]]:
                 if child.is_file() and suffix in IMAGE_SUFFIXES:
                     out.append(("image", child))
                     found = True
-                elif child.is_file() and suffix in SLIDE_SUFFIXES:
+                elif child.is_file() and suffix in WHOLE_SLIDE_SUFFIXES:
                     out.append(("slide", child))
                     found = True
             if not found:
                 raise WsicodecError(f"no images or slides in folder {p}")
-        elif p.suffix.lower() in SLIDE_SUFFIXES:
+        elif p.suffix.lower() in WHOLE_SLIDE_SUFFIXES:
             out.append(("slide", p))
         elif p.suffix.lower() in IMAGE_SUFFIXES and not _is_pyramidal_tiff(p):
             out.append(("image", p))

@@ -22,8 +22,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -32,6 +30,7 @@ import numpy as np
 import torch
 
 from wsicodec.research import metrics as M
+from wsicodec._io import atomic_output
 from wsicodec.errors import WsicodecError
 
 DEFAULT_JPEG = (75, 50, 20, 10)
@@ -63,7 +62,7 @@ def parse_jpeg_qualities(text: str | Iterable[int] | None) -> list[int]:
 
 def parse_quants(text: str | Iterable[str] | None) -> list[tuple[str, int | None]]:
     """"none,int8,kmeans,uniform:64" -> [(kind, levels or None), ...]."""
-    from wsicodec.quant.quantizer import KINDS, MAX_LEVELS
+    from wsicodec.quant.quantizer import KINDS, MAX_LEVELS, QUANT_KINDS
 
     if text is None:
         text = ",".join(DEFAULT_QUANTS)
@@ -84,7 +83,7 @@ def parse_quants(text: str | Iterable[str] | None) -> list[tuple[str, int | None
                 levels = int(lv)
             except ValueError:
                 raise WsicodecError(f"quantiser levels must be an integer, not {lv!r}") from None
-            if kind in ("none", "int8"):
+            if not QUANT_KINDS[kind].takes_levels:
                 raise WsicodecError(f"--quant {kind} takes no level count")
             if not 2 <= levels <= MAX_LEVELS:
                 raise WsicodecError(f"quantiser levels must be 2-{MAX_LEVELS}, not {levels}")
@@ -93,6 +92,7 @@ def parse_quants(text: str | Iterable[str] | None) -> list[tuple[str, int | None
 
 
 def quant_label(kind: str, levels: int | None) -> str:
+    """The inverse of :func:`parse_quants` for one item: 'kmeans:128', 'int8'."""
     return f"{kind}:{levels}" if levels else kind
 
 
@@ -123,7 +123,7 @@ def decode_latents(model, latents: torch.Tensor, batch_size: int) -> np.ndarray:
 
 def model_roundtrip(model, latents: torch.Tensor, kind: str, levels: int | None, batch_size: int):
     """Quantise as a container would: (reconstructed uint8 tiles, stored bytes per tile, quantiser)."""
-    from wsicodec.format.container import stored_tile_bytes
+    from wsicodec.format import stored_tile_bytes
     from wsicodec.quant.quantizer import make_quantizer
 
     kwargs: dict[str, Any] = {"model_info": model.info}
@@ -300,14 +300,9 @@ def _atomic_write(path: str | Path, write: Callable[[Any], None], binary: bool =
         raise WsicodecError(f"output path is a folder: {path}")
     if not path.parent.exists():
         raise WsicodecError(f"output folder does not exist: {path.parent}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) as f:
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) as f:
             write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_report(report: EvalReport, csv_path=None, json_path=None, markdown_path=None, plot_path=None) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 import shutil
 import time
@@ -39,6 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from wsicodec._io import atomic_output
+from wsicodec._progress import progress_bar
 from wsicodec.errors import OutputExistsError, WsicodecError
 
 CKPT_DIR = "checkpoints"
@@ -171,9 +172,8 @@ def _create_out(cfg: FinetuneConfig, out: Path, ckpt_dir: Path) -> None:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    with atomic_output(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _load_training_data(cfg: FinetuneConfig, model, ckpt_dir: Path, say: Callable[[str], None]):
@@ -307,10 +307,10 @@ def finetune(cfg: FinetuneConfig, say: Callable[[str], None] | None = None, show
     t0 = time.time()
     step = start
     avg: dict[str, float] = {}
-    progress = _progress(show_progress)
+    progress = progress_bar(show_progress, unit="steps")
     try:
         with progress:
-            task = progress.add_task("fine-tuning decoder", total=cfg.steps, completed=start, losses="")
+            task = progress.add_task("fine-tuning decoder", total=cfg.steps, completed=start, start=start, note="")
             for step in range(start, cfg.steps):
                 idx = rng.choice(n, size=min(cfg.batch_size, n), replace=n < cfg.batch_size)
                 x, z = _crops(tiles, latents, idx, cfg.crop, f, rng)
@@ -349,7 +349,7 @@ def finetune(cfg: FinetuneConfig, say: Callable[[str], None] | None = None, show
                 for k, v in vals.items():  # smoothed for display
                     avg[k] = v if k not in avg else 0.9 * avg[k] + 0.1 * v
                 history.append({"step": step + 1, **vals})
-                progress.update(task, advance=1, losses=" ".join(f"{k} {v:.4f}" for k, v in avg.items()))
+                progress.update(task, advance=1, note=" ".join(f"{k} {v:.4f}" for k, v in avg.items()))
                 if (step + 1) % cfg.checkpoint_every == 0:
                     save_checkpoint(step + 1)
             step = cfg.steps
@@ -396,15 +396,6 @@ def _write_model(model, out: Path, *, model_id: str, base: str, description: str
         return
     raise WsicodecError(f"model class {model.info.model_class} cannot save a fine-tuned copy")
 
-
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TimeRemainingColumn(), TextColumn("{task.fields[losses]}"), disable=not enabled, transient=False,
-    )
 
 
 def describe_losses(history: list[dict[str, float]], last: int = 20) -> dict[str, float]:

@@ -21,7 +21,6 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from wsicodec._paths import shared_dir

@@ -15,12 +15,9 @@ is also a loadable model folder at every checkpoint (``wsicodec-model.json`` + w
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from wsicodec._io import atomic_output
+from wsicodec._progress import progress_bar
+from wsicodec.research import metrics
 from wsicodec.errors import WsicodecError
 from wsicodec.models.base import pick_device
 from wsicodec.models.builtin import DEFAULT_CONFIG, CodecNet, param_count, save_builtin_folder
@@ -140,12 +140,6 @@ def quantize_uniform(z: torch.Tensor, bound: float, levels: int) -> torch.Tensor
     """Round to the uniform grid (what a uniform quantiser with ``levels`` does)."""
     step = 2 * bound / (levels - 1)
     return ((z.clamp(-bound, bound) + bound) / step).round() * step - bound
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean PSNR over images in [0,1]."""
-    mse = ((a - b) ** 2).flatten(1).mean(1).clamp_min(1e-10)
-    return float((10 * torch.log10(1 / mse)).mean())
 
 
 # ------------------------------------------------------------------------------- loop
@@ -272,7 +266,7 @@ def train(cfg: TrainConfig, progress: bool = True, log: Callable[[str], None] | 
             y = ((net.decoder(z) + 1) / 2).clamp(0, 1)
             y = (y * 255).round() / 255
         net.train()
-        return psnr(y, x)
+        return float(metrics.psnr(y, x).mean())
 
     def save(final: bool = False) -> None:
         state = {
@@ -288,9 +282,8 @@ def train(cfg: TrainConfig, progress: bool = True, log: Callable[[str], None] | 
             "history": history,
             "elapsed_s": elapsed_before + time.monotonic() - started,
         }
-        tmp = ckpt_path.with_name(CHECKPOINT_NAME + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, ckpt_path)
+        with atomic_output(ckpt_path) as tmp:
+            torch.save(state, tmp)
         save_builtin_folder(net.cpu(), out, model_id=cfg.model_id,
                             extra={"training": {"step": step, "final": final, "history": history[-1:],
                                                 "config": cfg.to_json()}})
@@ -303,16 +296,13 @@ def train(cfg: TrainConfig, progress: bool = True, log: Callable[[str], None] | 
     t_size = train_tiles.shape[1]
     last_loss = float("nan")
     held = evaluate() if step == 0 else (history[-1]["psnr"] if history else float("nan"))
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     interactive = progress and console.is_terminal
-    bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                   TimeRemainingColumn(), console=console, disable=not interactive)
+    bar = progress_bar(interactive, unit="steps")
     ema = None
     t_last, s_last = time.monotonic(), step
     try:
         with bar:
-            task = bar.add_task("train", total=cfg.steps, completed=step, info="")
+            task = bar.add_task("train", total=cfg.steps, completed=step, start=step, note="")
             while step < cfg.steps and not stop.requested and (cfg.stop_at is None or step < cfg.stop_at):
                 elapsed = elapsed_before + time.monotonic() - started
                 lr = _lr_at(step, cfg, elapsed)
@@ -361,7 +351,7 @@ def train(cfg: TrainConfig, progress: bool = True, log: Callable[[str], None] | 
                     if not interactive:
                         say(f"step {step}/{cfg.steps} loss {ema:.4f} held-out PSNR {held:.2f} dB "
                             f"lr {lr:.2e} {rate:.2f} steps/s")
-                bar.update(task, completed=step, info=f"loss {ema:.4f}  held-out PSNR {held:.2f} dB")
+                bar.update(task, completed=step, note=f"loss {ema:.4f}  held-out PSNR {held:.2f} dB")
                 if step % cfg.ckpt_every == 0:
                     save()
                 if cfg.time_limit_min and elapsed_before + time.monotonic() - started > cfg.time_limit_min * 60:

@@ -44,6 +44,13 @@ from PIL import Image
 from wsicodec.errors import SlideError
 
 MPP_TOLERANCE = 0.02
+
+# What a folder search treats as a slide: the suffixes OpenSlide opens. DICOM is left out on purpose: a
+# DICOM slide is many .dcm files, and counting each of them as a slide would be wrong; pass one of its
+# files instead. Plain .tif/.tiff may be a slide or a picture: callers that care check for a pyramid.
+SLIDE_SUFFIXES = frozenset({
+    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".czi",
+})
 # Largest region (level pixels per side) read in one go when building a thumbnail.
 _THUMB_READ_SIDE = 2048
 

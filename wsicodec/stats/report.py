@@ -24,8 +24,11 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from wsicodec._io import atomic_output, disk_bytes
+from wsicodec._progress import progress_bar
 from wsicodec._version import __version__
 from wsicodec.errors import WsicodecError
+from wsicodec.source.slide import SLIDE_SUFFIXES
 
 SCHEMA_VERSION = 1
 # AWS S3 Standard, US East (N. Virginia), first 50 TB per month: $0.023 per GB-month, the list price
@@ -37,11 +40,6 @@ TILE_SIZE = 256  # compress's tile
 CONFIDENCE = 0.95
 SKIPPED_EXIT_CODE = 3
 
-# What a folder search treats as a slide. DICOM is left out on purpose: a DICOM slide is many
-# .dcm files, and counting each of them as a slide would be wrong; pass one of its files instead.
-SLIDE_SUFFIXES = frozenset({
-    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".czi",
-})
 CONTAINER_SUFFIXES = (".pzarr", ".pzarr.zip")
 
 
@@ -219,9 +217,9 @@ def _fraction(part: float, whole: float) -> float | None:
 
 
 def _quant_label(q: dict[str, Any]) -> str:
-    kind = q.get("kind", "?")
-    levels = q.get("levels")
-    return f"{kind}-{levels}" if levels and kind in ("kmeans", "uniform") else str(kind)
+    from wsicodec.quant.quantizer import quant_label
+
+    return quant_label(str(q.get("kind", "?")), q.get("levels"))
 
 
 # ------------------------------------------------------------------------------- discovery
@@ -292,9 +290,7 @@ def _unique(paths: list[Path]) -> list[Path]:
 
 def path_bytes(path: Path) -> int:
     """Bytes a file or a folder's files occupy (what object storage bills: sizes, not blocks)."""
-    if path.is_file():
-        return path.stat().st_size
-    return sum(q.stat().st_size for q in path.rglob("*") if q.is_file())
+    return disk_bytes(path)
 
 
 def source_bytes(path: Path) -> int:
@@ -343,7 +339,7 @@ def container_stats(paths: Sequence[os.PathLike | str], *, price_per_tb_month: f
     if not found and not skipped:
         raise WsicodecError("no containers given")
     rows: list[ContainerRow] = []
-    with _progress(progress) as prog:
+    with progress_bar(progress, unit="slides", stderr=True, terminal_only=True, transient=True) as prog:
         task = prog.add_task("containers", total=len(found))
         for path in found:
             prog.update(task, description=path.name)
@@ -393,7 +389,7 @@ def estimate_slide(slide_path: Path, autoencoder, *, quant: str | None = None, l
                    read_workers: int = 2, single_file: bool = False, workdir: Path | None = None) -> EstimateRow:
     """Project the container compress would write for one slide from `sample` encoded tissue tiles."""
     from wsicodec.pipeline import compress as cmp
-    from wsicodec.format.container import ContainerWriter, stored_tile_bytes
+    from wsicodec.format import ContainerWriter, stored_tile_bytes
     from wsicodec.source.slide import SourceSlide
 
     started = time.perf_counter()
@@ -459,7 +455,7 @@ def _overhead(written: int, tile_bytes: Sequence[int], sampled: Sequence[tuple[i
     slot per tile. So: the sample container's bytes, minus its tiles' chunks and its shards' indexes,
     plus the indexes of every shard the full container writes, minus the slots the tiles already pay for.
     """
-    from wsicodec.format import container as cont
+    from wsicodec.format import spec as cont
 
     side = cont.SHARD_TILES
     entry = cont.SHARD_INDEX_ENTRY_BYTES
@@ -509,7 +505,7 @@ def estimate(paths: Sequence[os.PathLike | str], *, model=None, quant: str | Non
             raise WsicodecError(f"tile size {TILE_SIZE} is not a multiple of the model's spatial factor "
                                 f"{autoencoder.info.spatial_factor}")
     rows: list[EstimateRow] = []
-    with _progress(progress) as prog:
+    with progress_bar(progress, unit="slides", stderr=True, terminal_only=True, transient=True) as prog:
         task = prog.add_task("estimate", total=len(found))
         for path in found:
             prog.update(task, description=path.name)
@@ -530,15 +526,6 @@ def estimate(paths: Sequence[os.PathLike | str], *, model=None, quant: str | Non
 
 
 # -------------------------------------------------------------------------------- output
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    console = Console(stderr=True)
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("slides"),
-                    TimeElapsedColumn(), console=console, disable=not (enabled and console.is_terminal),
-                    transient=True)
-
 
 def human_bytes(n: float | None) -> str:
     if n is None:
@@ -673,13 +660,11 @@ def plot(report: StatsReport, out_path: os.PathLike | str) -> Path:
     ax.spines[["top", "right"]].set_visible(False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    tmp = out_path.with_name(f".{out_path.name}.tmp.png")
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, out_path)
+        with atomic_output(out_path) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return out_path
 
 

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+from wsicodec._io import atomic_output
+
 # stain optical densities per unit concentration (log10 units); haematoxylin from Ruifrok & Johnston
 _OD_H = np.array([0.65, 0.70, 0.29], dtype=np.float32)
 _OD_E = np.array([0.13, 0.85, 0.48], dtype=np.float32)  # pinker than Ruifrok's (0.07, 0.99, 0.11)
@@ -284,14 +286,9 @@ def _overview(painter: _Painter, max_side: int) -> np.ndarray:
 @contextmanager
 def _atomic_tiff(path: Path, bigtiff: bool):
     """A TiffWriter on a temporary name in the same folder, renamed to ``path`` only when complete."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_output(path) as tmp:
         with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tw:
             yield tw
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _setup(width, height, tile_size, levels, workers):

@@ -1,0 +1,122 @@
+"""The .pzarr format's constants and byte-level rules (formats/pzarr-v1.md), shared by writer and reader."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numcodecs.zstd import Zstd
+
+FORMAT_NAME = "pzarr"
+FORMAT_VERSION = "1.0"
+READ_MAJOR = 1
+
+# Measured on TAEF2 latents of CMU-1 (benchmarks/bench_quantizers.py): see formats/pzarr-v1.md.
+ZSTD_LEVEL = 3
+SHARD_TILES = 16  # a shard holds up to SHARD_TILES x SHARD_TILES tiles
+SHARD_INDEX_ENTRY_BYTES = 16  # (offset, nbytes) as two little-endian uint64 per inner chunk
+SHARD_INDEX_CHECKSUM_BYTES = 4  # crc32c over the index
+CHUNK_KEY_ENCODING = {"name": "default", "configuration": {"separator": "/"}}
+ASSOCIATED_NAMES = ("thumbnail", "label", "macro")
+# How associated images are stored (measured on CMU-1-Small-Region: label + macro + thumbnail took 1.61 MB
+# as zstd'd RGB arrays, more than the source file; PNG label + JPEG-90 macro and thumbnail take 0.46 MB).
+ASSOCIATED_ENCODING = {
+    "label": ("PNG", "image/png", {"compress_level": 9}),
+    "*": ("JPEG", "image/jpeg", {"quality": 90}),
+}
+# keys every container has (null where unknown); callers' extra keys are kept
+SOURCE_KEYS = ("filename", "size", "sha256", "vendor", "properties")
+RESOLUTION_KEYS = ("target_mpp", "source_mpp", "mpp_source", "objective_power", "archived_objective_power")
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+
+_chunk_zstd = Zstd.from_config({"level": ZSTD_LEVEL, "checksum": False})
+
+
+def stored_tile_bytes(stored: np.ndarray) -> int:
+    """Bytes one tile costs inside a shard: its zstd-compressed chunk plus its 16-byte index entry.
+
+    Uses the same codec (numcodecs' zstd, which zarr's ZstdCodec wraps) with the same level and byte
+    order as the writer, so summing this over a slide's tissue tiles predicts the shards' size.
+    """
+    a = np.ascontiguousarray(stored)
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    if not a.any():  # an all-fill chunk is not stored at all, only its index entry
+        return SHARD_INDEX_ENTRY_BYTES
+    return len(_chunk_zstd.encode(a.tobytes())) + SHARD_INDEX_ENTRY_BYTES
+
+
+def to_json(obj: Any) -> dict[str, Any]:
+    if obj is None:
+        return {}
+    if hasattr(obj, "to_json"):
+        return obj.to_json()
+    return dict(obj)
+
+
+def plain(x: Any) -> Any:
+    """Make a value plain JSON (numpy scalars and tuples from callers' dicts)."""
+    if isinstance(x, dict):
+        return {str(k): plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [plain(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def current_tool_version() -> str:
+    try:
+        from wsicodec._version import __version__
+
+        return str(__version__)
+    except Exception:  # pragma: no cover
+        return "unknown"
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def as_rgb(name: str, img: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8; grey is repeated, RGBA is composited on white as OpenSlide's users expect."""
+    a = np.asarray(img)
+    if a.dtype != np.uint8:
+        raise ValueError(f"associated image {name!r} must be uint8, got {a.dtype}")
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    elif a.ndim == 3 and a.shape[2] == 4:
+        alpha = a[:, :, 3:4].astype(np.float32) / 255.0
+        a = np.round(a[:, :, :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+    if a.ndim != 3 or a.shape[2] != 3:
+        raise ValueError(f"associated image {name!r} must be (H, W, 3), got {a.shape}")
+    return np.ascontiguousarray(a)
+
+
+def encode_image(name: str, rgb: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """An associated image as the bytes of a PNG (label: text and barcodes stay exact) or JPEG file."""
+    from PIL import Image
+
+    fmt, media, opts = ASSOCIATED_ENCODING.get(name, ASSOCIATED_ENCODING["*"])
+    buf = io.BytesIO()
+    Image.fromarray(rgb, "RGB").save(buf, fmt, **opts)
+    attrs = {"media_type": media, "width": int(rgb.shape[1]), "height": int(rgb.shape[0]),
+             "lossless": fmt == "PNG"}
+    return np.frombuffer(buf.getvalue(), dtype=np.uint8), attrs
+
+
+def decode_image(blob: np.ndarray) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(np.ascontiguousarray(blob, dtype=np.uint8).tobytes())) as im:
+        return np.asarray(im.convert("RGB"))
