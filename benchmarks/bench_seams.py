@@ -41,7 +41,7 @@ def main() -> None:
     from wsicodec.pipeline.compress import compress
     from wsicodec.format.container import Container
     from wsicodec.models import load_model
-    from wsicodec.pipeline.restore import TileDecoder
+    from wsicodec.pipeline.decoder import TileDecoder
     from wsicodec.quality import psnr, seam_ratio
     from wsicodec.source.slide import SourceSlide
 

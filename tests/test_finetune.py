@@ -95,7 +95,7 @@ def test_cli_finetune_and_refusals(tiny_model_dir, tile_folder, tmp_path):
     out = tmp_path / "cli-ft"
     args = ["finetune", "--model", str(tiny_model_dir), "--data", str(tile_folder), "--out", str(out),
             "--steps", "2", "--batch-size", "1", "--crop", "64", "--device", "cpu", "-q"]
-    args += ["--fm", "lpips-alex"] if FM["w_fm"] else ["--w-fm", "0"]
+    args += ["--fm", "lpips-alex"] if FM["w_fm"] else ["--fm-weight", "0"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "tiny-random-ft-" in res.output and (out / MANIFEST_NAME).is_file()

@@ -312,7 +312,7 @@ def test_bad_options(tiny_container, tmp_path):
 
 
 def test_prefetch_keeps_order_and_passes_errors_on():
-    from wsicodec.pipeline.restore import prefetch
+    from wsicodec.pipeline.decoder import prefetch
 
     assert list(prefetch(iter(range(50)), depth=2)) == list(range(50))
 

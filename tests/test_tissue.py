@@ -69,7 +69,6 @@ def test_pen_stroke_alone_is_not_tissue(ink):
 
 
 def test_pen_over_tissue_keeps_the_tissue():
-    g = _grid()
     img = _glass()
     blob = _disc(200, 300, 100, 150, 60)
     img[blob] = _he_texture(200, 300, seed=1)[blob]

@@ -96,7 +96,7 @@ def test_cli_train_then_resume(tile_cache, tmp_path):
     runner = CliRunner()
     out = tmp_path / "cli-model"
     args = ["train", "--data", str(tile_cache), "--out", str(out), "--steps", "3", "--batch-size", "2",
-            "--crop", "32", "--lpips-weight", "0", "--threads", "1", "--eval-every", "3", "--ckpt-every", "3"]
+            "--crop", "32", "--lpips-weight", "0", "--threads", "1", "--eval-every", "3", "--checkpoint-every", "3"]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     assert (out / MANIFEST_NAME).is_file()

@@ -22,7 +22,7 @@ import numpy as np
 import openslide
 from PIL import Image
 
-from wsicodec.pipeline.restore import HALO, Pyramid, TileDecoder, load_decoder_model, open_container
+from wsicodec.pipeline.decoder import HALO, Pyramid, TileDecoder, load_decoder_model, open_container
 
 VENDOR = "wsicodec"
 SOURCE_PREFIX = "wsicodec.source."
