@@ -1,6 +1,8 @@
-"""Shared fixtures: where ../shared is, the CMU-1 test slide on any machine, synthetic slides.
+"""Shared fixtures: where ../shared is, the CMU-1 test slide on any machine, synthetic slides, a tiny model.
 
-Fixtures used by more than one test module live here; the rest stay in their own test file.
+Fixtures used by more than one test module live here; the rest stay in their own test file.  What they
+build comes from ``wsicodec.testing`` (synthetic slides, tiny random models): these are thin, cached
+pytest wrappers around those plain functions, which benchmarks and scripts can call too.
 """
 
 from __future__ import annotations
@@ -158,12 +160,7 @@ def no_mpp_slide(synthetic_slide_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A real diffusers AutoencoderTiny with a tiny random config, saved and loaded back like any local model:
-    fast, and its latents still vary from tile to tile."""
-    import torch
-    from diffusers import AutoencoderTiny
+    fast, and its latents still vary from tile to tile (wsicodec.testing.tiny.write_tiny_taesd)."""
+    from wsicodec.testing.tiny import write_tiny_taesd
 
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-taesd")
-    AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
-                    num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1)).save_pretrained(folder)
-    return folder
+    return write_tiny_taesd(tmp_path_factory.mktemp("tiny-taesd"), seed=0)
