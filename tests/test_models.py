@@ -7,9 +7,13 @@ weights in the same layout for everything that needs no pretrained fidelity.
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,15 +22,29 @@ import torch
 from wsicodec.errors import ModelError
 from wsicodec.models import (
     MANIFEST_NAME,
-    load_model,
+    Autoencoder,
+    Family,
+    ModelInfo,
+    ModelSpec,
     list_models,
+    load_folder,
+    load_model,
     models_table,
     pick_device,
     read_manifest,
+    register_family,
     resolve_model,
+    write_manifest,
 )
-from wsicodec.models import registry
-from wsicodec.models.taesd import DECODER_FILE, ENCODER_FILE, build_decoder, build_encoder
+from wsicodec.models import hub, registry
+from wsicodec.models.family import unregister_family
+from wsicodec.models.taesd import (
+    DECODER_FILE,
+    ENCODER_FILE,
+    TAEF2_PUBLISHED_DECODER_SHA256,
+    build_decoder,
+    build_encoder,
+)
 
 
 def _tiles(n: int = 2, size: int = 64, seed: int = 0) -> np.ndarray:
@@ -239,8 +257,8 @@ def test_unreachable_hub_fails_fast_without_offline_flag(monkeypatch):
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(hf_constants, "ENDPOINT", "http://127.0.0.1:9")
-    monkeypatch.setattr(registry, "_HUB_REACHABLE", None)
-    assert registry.hub_reachable() is False
+    monkeypatch.setattr(hub, "_HUB_REACHABLE", None)
+    assert hub.hub_reachable() is False
     spec = registry.ModelSpec("nowhere", "diffusers.AutoencoderTiny", 4, 8, (-1.0, 1.0),
                               hub_id="wsicodec-tests/does-not-exist")
     from diffusers import AutoencoderTiny  # noqa: F401
@@ -431,7 +449,7 @@ def test_taef2_real_weights_reconstruct_cmu1(taef2_dir, cmu1_path):
     model = load_model(str(taef2_dir), device="cpu")
     # the published weights get the registry id even from a manifest-less folder
     assert model.info.model_id == "taef2"
-    assert model.info.decoder_sha256 == registry.TAEF2_PUBLISHED_DECODER_SHA256
+    assert model.info.decoder_sha256 == TAEF2_PUBLISHED_DECODER_SHA256
     # CMU-1-Small-Region is native 20x (0.499 um/px): level 0 is the archive resolution
     tiles = _tissue_tiles(cmu1_path, 3)
     assert len(tiles) == 3
@@ -455,3 +473,121 @@ def test_taef2_registry_name_uses_model_path(taef2_dir, tmp_path, monkeypatch):
     model = load_model("taef2", device="cpu")
     assert model.info.model_id == "taef2"
     assert model.info.source == str(taef2_dir.resolve())
+
+
+# ------------------------------------------------------------------------------ families
+class ToyAutoencoder(Autoencoder):
+    """Identity at factor 1: the least a family module has to provide."""
+
+    def __init__(self, model_id: str, source: str = ""):
+        self.device = pick_device("cpu")
+        self.info = ModelInfo(model_id=model_id, model_class="tests.Toy", latent_channels=3, spatial_factor=1,
+                              input_range=(0.0, 1.0), latent_range=(0.0, 1.0), weights_sha256="0" * 64,
+                              decoder_sha256="0" * 64, source=source)
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+
+TOY_FILE = "toy.weights"
+
+
+@pytest.fixture
+def toy_family():
+    # what a new models/toy.py would hold (plus one line in registry.FAMILY_MODULES)
+    family = register_family(Family(
+        name="toy",
+        sniff=lambda folder: (folder / TOY_FILE).is_file(),
+        load_folder=lambda folder, device, model_id: ToyAutoencoder(model_id, str(folder)),
+        load_spec=lambda spec, device: ToyAutoencoder(spec.id, "package"),
+        builders={"toy": "tests.Toy"},
+        specs=lambda: [ModelSpec("toy-named", "toy", 3, 1, (0.0, 1.0), description="a toy")],
+        looks_for=TOY_FILE,
+    ))
+    yield family
+    unregister_family("toy")
+
+
+def test_a_registered_family_is_found_by_sniff_manifest_and_name(toy_family, tmp_path, monkeypatch):
+    monkeypatch.delenv("WSICODEC_MODEL_PATH", raising=False)
+    folder = tmp_path / "my-toy"
+    folder.mkdir()
+    (folder / TOY_FILE).write_bytes(b"")
+    for model in (load_model(str(folder)), load_folder(folder)):
+        assert isinstance(model, ToyAutoencoder) and model.info.model_id == "local:my-toy"
+    tiles = _tiles(1, 16)
+    assert np.array_equal(model.decode(model.encode(tiles)), tiles)
+
+    # a manifest may name the new architecture
+    write_manifest(folder, model_id="toy-v2", architecture="toy")
+    tuned = load_model(str(folder))
+    assert (tuned.info.model_id, tuned.info.source) == ("toy-v2", str(folder.resolve()))
+
+    # names the family brings are listed and load, from a $WSICODEC_MODEL_PATH folder first
+    assert {r["id"]: r for r in models_table()}["toy-named"]["class"] == "tests.Toy"
+    assert load_model("toy-named").info.source == "package"
+    named = tmp_path / "models" / "toy-named"
+    named.mkdir(parents=True)
+    (named / TOY_FILE).write_bytes(b"")
+    monkeypatch.setenv("WSICODEC_MODEL_PATH", str(tmp_path / "models"))
+    found = load_model("toy-named")
+    assert (found.info.model_id, found.info.source) == ("toy-named", str(named.resolve()))
+
+    # the builtin families still sniff first; an unknown folder's error names what the toy looks for
+    assert [f.name for f in registry.families()][:3] == ["builtin", "diffusers", "taef2"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError) as exc:
+        load_model(str(tmp_path / "empty"))
+    assert TOY_FILE in _one_line(exc)
+
+
+def test_unregistered_family_is_forgotten(tmp_path):
+    (tmp_path / TOY_FILE).write_bytes(b"")
+    with pytest.raises(ModelError):
+        load_model(str(tmp_path))
+    with pytest.raises(ValueError):
+        write_manifest(tmp_path, model_id="x", architecture="toy")
+
+
+def test_a_family_cannot_take_another_modules_name_or_builder():
+    with pytest.raises(ValueError, match="already registered"):
+        register_family(Family(name="taef2", sniff=lambda f: False, load_folder=lambda f, d, i: None))
+    with pytest.raises(ValueError, match="already belongs"):
+        register_family(Family(name="toy2", sniff=lambda f: False, load_folder=lambda f, d, i: None,
+                               builders={"taef2": "x"}))
+    assert "toy2" not in {f.name for f in registry.families()}
+
+
+def _imports(path: Path) -> set[str]:
+    """wsicodec modules a file imports anywhere (functions included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+def test_registry_imports_no_family_and_no_family_imports_registry():
+    models = Path(registry.__file__).parent
+    assert not _imports(models / "registry.py") & set(registry.FAMILY_MODULES)
+    for name in registry.FAMILY_MODULES:
+        assert "wsicodec.models.registry" not in _imports(models / f"{name.rsplit('.', 1)[1]}.py"), name
+    # one manifest name, everywhere
+    from wsicodec.models import builtin, manifest
+    from wsicodec.research import finetune
+
+    assert builtin.MANIFEST_NAME is manifest.MANIFEST_NAME is finetune.MANIFEST_NAME is MANIFEST_NAME
+
+
+def test_families_are_imported_on_first_use():
+    code = ("import sys, wsicodec.models as m; "
+            "print(any(n in sys.modules for n in m.registry.FAMILY_MODULES)); "
+            "print(m.REGISTRY['taef2'].model_class)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == ["False", "wsicodec.TAEF2"]

@@ -6,24 +6,20 @@
         written by train/finetune; see docs/models.md).
     list_models() -> list[ModelSpec];  models_table() -> rows for `wsicodec models`
     resolve_model(record, override=None, device=None, verify=True) -> Autoencoder   (for restore)
+
+Modules, lowest first: base (the interface), hub, family (the table of model families),
+manifest, spec (ModelSpec), the families (builtin, diffusers, taesd), registry (names and folders).
 """
 
 from wsicodec.models.base import Autoencoder, ModelInfo, pick_device, sha256_of_state_dict
-from wsicodec.models.registry import (
-    MANIFEST_NAME,
-    REGISTRY,
-    ModelSpec,
-    list_models,
-    load_folder,
-    load_model,
-    models_table,
-    read_manifest,
-    resolve_model,
-    write_manifest,
-)
+from wsicodec.models.family import Family, register_family
+from wsicodec.models.manifest import MANIFEST_NAME, read_manifest, write_manifest
+from wsicodec.models.registry import REGISTRY, list_models, load_folder, load_model, models_table, resolve_model
+from wsicodec.models.spec import ModelSpec
 
 __all__ = [
     "Autoencoder",
+    "Family",
     "ModelInfo",
     "ModelSpec",
     "MANIFEST_NAME",
@@ -34,6 +30,7 @@ __all__ = [
     "models_table",
     "pick_device",
     "read_manifest",
+    "register_family",
     "resolve_model",
     "sha256_of_state_dict",
     "write_manifest",

@@ -6,6 +6,7 @@
     save_builtin_folder(net, path, *, model_id, extra=None)           # writes such a folder (atomically)
     is_builtin_folder(path) -> bool
     build_net(config) -> CodecNet;  CodecNet.config (JSON-plain)
+    FAMILY: the "builtin" model family (wsicodec.models.family), registered on import
 
 Architecture (CodecNet): no convolution at full resolution. The encoder pixel-unshuffles the
 tile by 4 (3 -> 48 channels at 1/4 size), runs 3x3 residual blocks there, halves the size with
@@ -22,20 +23,22 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from wsicodec._io import atomic_output
 from wsicodec.errors import ModelError
 from wsicodec.models.base import Autoencoder, ModelInfo, pick_device, sha256_of_state_dict
+from wsicodec.models.family import Family, register_family
+from wsicodec.models.manifest import MANIFEST_NAME, write_manifest
+from wsicodec.models.spec import ModelSpec
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_MODEL_ID = "wsicodec-base-f8c4-v1"
 BUILTIN_MODELS: dict[str, str] = {DEFAULT_MODEL_ID: "wsicodec-base-f8c4-v1.safetensors"}
-MANIFEST_NAME = "wsicodec-model.json"
 WEIGHTS_NAME = "model.safetensors"
 MODEL_CLASS = "wsicodec.BuiltinCodec"
 
@@ -207,10 +210,8 @@ def save_weights(net: CodecNet, path: str | Path, *, fp16: bool = True) -> None:
 
     state = {k: (v.half() if fp16 and v.is_floating_point() else v).detach().cpu().contiguous()
              for k, v in net.state_dict().items()}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"wsicodec_config": json.dumps(net.config)})
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        save_file(state, str(tmp), metadata={"wsicodec_config": json.dumps(net.config)})
 
 
 def load_builtin(model_id: str = DEFAULT_MODEL_ID, device: str | None = None) -> BuiltinAutoencoder:
@@ -259,26 +260,56 @@ def save_builtin_folder(net: CodecNet, path: str | Path, *, model_id: str | None
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     save_weights(net, folder / WEIGHTS_NAME, fp16=fp16)
-    from datetime import datetime, timezone
-
-    manifest = {
-        "format": "wsicodec-model",
-        "format_version": 1,
-        "id": model_id or f"local:{folder.resolve().name}",
-        "architecture": "builtin",
-        "base": base,
-        "description": description or "wsicodec builtin-architecture autoencoder",
-        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "model_class": MODEL_CLASS,
-        "weights": WEIGHTS_NAME,
-        "config": net.config,
-    }
-    manifest.update(extra or {})
-    tmp = folder / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, folder / MANIFEST_NAME)
+    write_manifest(folder, model_id=model_id or f"local:{folder.resolve().name}", architecture="builtin",
+                   base=base, description=description or "wsicodec builtin-architecture autoencoder",
+                   extra={"model_class": MODEL_CLASS, "weights": WEIGHTS_NAME, "config": net.config,
+                          **(extra or {})})
     return folder
 
 
 def param_count(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
+
+
+# ------------------------------------------------------------------------------- the family
+def _specs() -> list[ModelSpec]:
+    specs = []
+    for model_id in BUILTIN_MODELS:
+        cfg = DEFAULT_CONFIG if model_id == DEFAULT_MODEL_ID else {}
+        specs.append(ModelSpec(
+            model_id, "builtin", int(cfg.get("latent_channels", 0)), int(cfg.get("factor", 0)), (-1.0, 1.0),
+            description="wsicodec's own model (default)" if model_id == DEFAULT_MODEL_ID
+            else "wsicodec's own model",
+            licence="Apache-2.0 (trained on permissively licensed data)",
+        ))
+    return specs
+
+
+def _packaged(spec: ModelSpec) -> bool:
+    return spec.id in BUILTIN_MODELS and (WEIGHTS_DIR / BUILTIN_MODELS[spec.id]).is_file()
+
+
+def _load_folder(folder: Path, device: str | None, model_id: str) -> BuiltinAutoencoder:
+    model = load_builtin_folder(folder, device)
+    model.info.model_id = model_id
+    return model
+
+
+def _save(model: BuiltinAutoencoder, folder: str | Path, *, model_id: str, description: str = "",
+          base: str | None = None, extra: dict[str, Any] | None = None) -> Path:
+    return save_builtin_folder(model.net, folder, model_id=model_id, description=description, base=base,
+                               extra=extra)
+
+
+FAMILY = register_family(Family(
+    name="builtin",
+    sniff=is_builtin_folder,  # builtin folders always carry a manifest
+    load_folder=_load_folder,
+    load_spec=lambda spec, device: load_builtin(spec.id, device),
+    save=_save,
+    builders={"builtin": MODEL_CLASS},
+    specs=_specs,
+    default_model=DEFAULT_MODEL_ID,
+    packaged=True,
+    offline=_packaged,
+))

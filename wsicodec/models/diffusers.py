@@ -7,22 +7,25 @@ The config's scaling/shift factors are still recorded so a reader can map them t
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from wsicodec._io import atomic_output
 from wsicodec.errors import ModelError
 from wsicodec.models.base import Autoencoder, ModelInfo, pick_device, sha256_of_state_dict
-
-if TYPE_CHECKING:  # pragma: no cover
-    from wsicodec.models.registry import ModelSpec
+from wsicodec.models.family import Family, register_family
+from wsicodec.models.hub import hub_reachable, hub_source, in_hf_cache
+from wsicodec.models.manifest import write_manifest
+from wsicodec.models.spec import ModelSpec
 
 SUPPORTED = ("AutoencoderKL", "AutoencoderDC", "AutoencoderTiny")
 # AutoencoderTiny's decoder starts with tanh(z/3)*3 (hard-coded in diffusers' DecoderTiny), so it
@@ -122,14 +125,13 @@ class DiffusersAutoencoder(Autoencoder):
     def save(self, folder: str | Path, *, model_id: str, description: str = "", base: str | None = None,
              extra: dict[str, Any] | None = None) -> Path:
         """save_pretrained + ``wsicodec-model.json``; ``load_model(folder)`` reads it back."""
-        from wsicodec.models.registry import write_manifest
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=folder, prefix=".save-") as tmp:
             self.vae.save_pretrained(tmp, safe_serialization=True)
             for item in Path(tmp).iterdir():
-                os.replace(item, folder / item.name)
+                with atomic_output(folder / item.name) as part:  # fsync'd, and replaces any older copy
+                    os.replace(item, part)
         base = base if base is not None else self.info.model_id
         write_manifest(folder, model_id=model_id, architecture="diffusers", base=base,
                        description=description, extra=extra)
@@ -176,8 +178,6 @@ def _one_line(exc: BaseException) -> str:
 def load_diffusers_folder(folder: str | Path, device: str | torch.device | None = None,
                           model_id: str | None = None) -> DiffusersAutoencoder:
     """A ``save_pretrained`` folder: ``config.json`` (``_class_name``) plus its weights."""
-    import json
-
     folder = Path(folder).expanduser().resolve()
     cfg_path = folder / "config.json"
     try:
@@ -196,10 +196,8 @@ def load_diffusers_folder(folder: str | Path, device: str | torch.device | None 
                                 device=device)
 
 
-def load_from_hub(spec: "ModelSpec", device: str | torch.device | None = None) -> DiffusersAutoencoder:
+def load_from_hub(spec: ModelSpec, device: str | torch.device | None = None) -> DiffusersAutoencoder:
     """From the Hugging Face cache if it is there, else from the hub; one-line ModelError otherwise."""
-    from wsicodec.models.registry import _hub_source, hub_reachable
-
     kind = spec.builder.split(".", 1)[1]
     cls = _class_for(kind)
     kwargs: dict[str, Any] = {"subfolder": spec.subfolder} if spec.subfolder else {}
@@ -225,6 +223,35 @@ def load_from_hub(spec: "ModelSpec", device: str | torch.device | None = None) -
                     f"cannot fetch {where} from the Hugging Face hub ({failure}); "
                     "download it where you can and pass --model DIR"
                 )
-    return DiffusersAutoencoder(vae, model_id=spec.id, source=_hub_source(spec.hub_id, spec.subfolder),
+    return DiffusersAutoencoder(vae, model_id=spec.id, source=hub_source(spec.hub_id, spec.subfolder),
                                 device=device)
 
+
+# ------------------------------------------------------------------------------- the family
+def diffusers_dir(folder: Path) -> Path | None:
+    """The folder (or its ``vae/`` subfolder, for a whole pipeline) holding an autoencoder config.json."""
+    for candidate in (folder, folder / "vae"):
+        cfg = candidate / "config.json"
+        if cfg.is_file():
+            try:
+                if "_class_name" in json.loads(cfg.read_text()):
+                    return candidate
+            except (OSError, ValueError):
+                continue
+    return None
+
+
+def _load_folder(folder: Path, device: str | None, model_id: str) -> DiffusersAutoencoder:
+    return load_diffusers_folder(diffusers_dir(folder) or folder, device, model_id=model_id)
+
+
+FAMILY = register_family(Family(
+    name="diffusers",
+    sniff=lambda folder: diffusers_dir(folder) is not None,
+    load_folder=_load_folder,
+    load_spec=load_from_hub,
+    save=lambda model, folder, **kw: model.save(folder, **kw),
+    builders={f"diffusers.{kind}": f"diffusers.{kind}" for kind in SUPPORTED},
+    offline=lambda spec: bool(spec.hub_id) and in_hf_cache(spec.hub_id, spec.subfolder),
+    looks_for="a diffusers config.json",
+))

@@ -17,11 +17,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from wsicodec._io import atomic_output
+from wsicodec._paths import shared_dir
 from wsicodec.errors import ModelError
 from wsicodec.models.base import Autoencoder, ModelInfo, pick_device, sha256_of_state_dict
+from wsicodec.models.family import Family, register_family
+from wsicodec.models.manifest import write_manifest
+from wsicodec.models.spec import MODEL_PATH_ENV, ModelSpec
 
 ENCODER_FILE = "taef2_encoder.pth"
 DECODER_FILE = "taef2_decoder.pth"
+# decoder_sha256 of the published TAEF2 weights (madebyollin/taesd flux_2 variant), used to give a
+# manifest-less folder holding them the registry id "taef2" rather than "local:<folder>".
+TAEF2_PUBLISHED_DECODER_SHA256 = "ab2aa476174661ac7a8e6d0044c66b5f9a5d01c9bd83f0e5da9834942d675f34"
 
 WIDTH = 64
 LATENT_CHANNELS = 32
@@ -131,7 +139,7 @@ def _one_line(exc: BaseException) -> str:
 def _load_into(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     try:
         module.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
+    except RuntimeError:
         missing = [k for k in module.state_dict() if k not in state]
         unexpected = [k for k in state if k not in module.state_dict()]
         if missing or unexpected:
@@ -211,15 +219,12 @@ class TAEF2(Autoencoder):
     def save(self, folder: str | Path, *, model_id: str, description: str = "", base: str | None = None,
              extra: dict[str, Any] | None = None) -> Path:
         """Write the .pth pair and a ``wsicodec-model.json`` manifest; ``load_model(folder)`` reads it back."""
-        from wsicodec.models.registry import write_manifest
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        for name, module in (("encoder", self.encoder), ("decoder", self.decoder)):
+        for name, module in ((ENCODER_FILE, self.encoder), (DECODER_FILE, self.decoder)):
             state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()}
-            tmp = folder / f".{name}.pth.tmp"
-            torch.save(state, tmp)
-            tmp.replace(folder / (ENCODER_FILE if name == "encoder" else DECODER_FILE))
+            with atomic_output(folder / name) as tmp:
+                torch.save(state, tmp)
         base = base if base is not None else self.info.model_id
         write_manifest(folder, model_id=model_id, architecture="taef2", base=base,
                        description=description, extra=extra)
@@ -243,3 +248,34 @@ def load_taef2_folder(folder: str | Path, device: str | torch.device | None = No
     return TAEF2(encoder, decoder, model_id=model_id, source=str(folder), device=device,
                  extra_config=extra_config)
 
+
+# ------------------------------------------------------------------------------- the family
+def _load_folder(folder: Path, device: str | None, model_id: str) -> TAEF2:
+    model = load_taef2_folder(folder, device, model_id=model_id)
+    if model_id.startswith("local:") and model.info.decoder_sha256 == TAEF2_PUBLISHED_DECODER_SHA256:
+        model.info.model_id = "taef2"
+    return model
+
+
+def _no_local_weights(spec: ModelSpec, device: str | None) -> TAEF2:
+    raise ModelError(
+        "TAEF2 is loaded from a local folder: put taef2_encoder.pth and taef2_decoder.pth in a folder "
+        f"and pass --model DIR (or set {MODEL_PATH_ENV} to a folder holding a 'taef2' subfolder)"
+    )
+
+
+def _has_weights(folder: Path) -> bool:
+    return (folder / ENCODER_FILE).is_file() and (folder / DECODER_FILE).is_file()
+
+
+FAMILY = register_family(Family(
+    name="taef2",
+    sniff=is_taef2_folder,  # one file is enough: loading then names the missing one
+    load_folder=_load_folder,
+    load_spec=_no_local_weights,
+    save=lambda model, folder, **kw: model.save(folder, **kw),
+    builders={"taef2": "wsicodec.TAEF2"},
+    has_weights=_has_weights,
+    search_folders=lambda spec: [shared_dir() / "weights" / "taef2"],
+    looks_for=f"{ENCODER_FILE} + {DECODER_FILE}",
+))

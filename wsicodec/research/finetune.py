@@ -41,11 +41,11 @@ import torch.nn.functional as F
 from wsicodec._io import atomic_output
 from wsicodec._progress import progress_bar
 from wsicodec.errors import OutputExistsError, WsicodecError
+from wsicodec.models.manifest import MANIFEST_NAME
 
 CKPT_DIR = "checkpoints"
 CKPT_NAME = "last.pt"
 DATA_CACHE = "data.pt"
-MANIFEST_NAME = "wsicodec-model.json"
 
 
 @dataclass
