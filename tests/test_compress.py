@@ -137,7 +137,9 @@ def test_all_tiles_encodes_background_too(synthetic_slide, tiny_model_dir, tmp_p
     tissue_only = compress(synthetic_slide, tmp_path / "a.pzarr", model=str(tiny_model_dir))
     everything = compress(synthetic_slide, tmp_path / "b.pzarr", model=str(tiny_model_dir), all_tiles=True)
     assert tissue_only.tissue_tiles < everything.tissue_tiles == everything.tiles_total
-    assert tissue_only.container_bytes < everything.container_bytes
+    # (bytes are no test of it: glass tiles cost almost nothing, and a codebook fitted on glass and tissue
+    # can make the tissue tiles cheaper than one fitted on tissue alone)
+    assert Container.open(tmp_path / "b.pzarr").tissue.all()
 
 
 def test_quantizer_choices_store_their_dtype(synthetic_slide, tiny_model_dir, tmp_path):

@@ -2,6 +2,9 @@
 
     psnr(a, b) -> dB over all pixels pooled (research.metrics.psnr is the per-image, batched one)
     seam_ratio(image, tile_size, tissue) -> tile-border vs interior neighbour differences of one image
+    edge_interior_ratio(decoded, source, tile_size, tissue) -> error in tiles' outer 2 px / their inside
+    error_seam_ratio(decoded, source, tile_size, tissue) -> error-image jumps at tile borders / 8-px grid
+    tissue_loss(source, tissue, tile_size) -> tissue-like pixels that background tiles would drop
 """
 
 from __future__ import annotations
@@ -47,3 +50,76 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR in dB of two uint8 images (or stacks) with all pixels pooled; inf when identical."""
     mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
     return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def _tile_masks(h: int, w: int, tile_size: int, tissue: np.ndarray | None) -> np.ndarray:
+    """Per-pixel bool: the pixel's tile holds tissue (all tiles when ``tissue`` is None)."""
+    rows, cols = math.ceil(h / tile_size), math.ceil(w / tile_size)
+    if tissue is None:
+        return np.ones((h, w), bool)
+    t = np.asarray(tissue, bool)[:rows, :cols]
+    return np.repeat(np.repeat(t, tile_size, axis=0), tile_size, axis=1)[:h, :w]
+
+
+def edge_interior_ratio(decoded: np.ndarray, source: np.ndarray, tile_size: int,
+                        tissue: np.ndarray | None = None, ring: int = 2, inner: int = 8) -> float:
+    """Mean |decoded - source| in the outer ``ring`` px of each tissue tile over the same >= ``inner`` px
+    inside it. 1.0: a tile's edges are coded as well as its middle. Only whole tiles count."""
+    d = np.abs(np.asarray(decoded, np.float32) - np.asarray(source, np.float32)).mean(axis=2)
+    h, w = d.shape
+    t = tile_size
+    hh, ww = (h // t) * t, (w // t) * t  # whole tiles only: a cut tile's edge is not a tile edge
+    d = d[:hh, :ww]
+    pos_y, pos_x = np.arange(hh) % t, np.arange(ww) % t
+    dist = np.minimum.outer(np.minimum(pos_y, t - 1 - pos_y), np.minimum(pos_x, t - 1 - pos_x))
+    keep = _tile_masks(hh, ww, t, tissue)
+    edge, mid = keep & (dist < ring), keep & (dist >= inner)
+    if not edge.any() or not mid.any():
+        return float("nan")
+    inside = float(d[mid].mean())
+    return float(d[edge].mean()) / inside if inside > 0 else float("nan")
+
+
+def error_seam_ratio(decoded: np.ndarray, source: np.ndarray, tile_size: int,
+                     tissue: np.ndarray | None = None, grid: int = 8) -> float:
+    """How much the error image jumps across tile borders, over how much it jumps across the interior
+    lines of an 8-px grid. With e = mean over RGB of (decoded - source): mean |Δe| across tile borders /
+    mean |Δe| across the other 8-px grid lines, both between tissue tiles. The source's own JPEG blocks
+    sit on the same 8-px grid, so they cancel; 1.0 means the tiles are invisible in the error."""
+    e = (np.asarray(decoded, np.float32) - np.asarray(source, np.float32)).mean(axis=2)
+    h, w = e.shape
+    t = tile_size
+    keep = _tile_masks(h, w, t, tissue)
+    sums = {"border": 0.0, "grid": 0.0}
+    counts = {"border": 0, "grid": 0}
+    for axis in (0, 1):
+        d = np.abs(np.diff(e, axis=axis))  # d[k] compares k and k+1
+        both = keep[1:, :] & keep[:-1, :] if axis == 0 else keep[:, 1:] & keep[:, :-1]
+        k = np.arange(d.shape[axis]) + 1
+        for name, line in (("border", k % t == 0), ("grid", (k % grid == 0) & (k % t != 0))):
+            sel = both & (line[:, None] if axis == 0 else line[None, :])
+            sums[name] += float(d[sel].sum())
+            counts[name] += int(sel.sum())
+    if not counts["border"] or not counts["grid"] or sums["grid"] == 0:
+        return float("nan")
+    return (sums["border"] / counts["border"]) / (sums["grid"] / counts["grid"])
+
+
+def tissue_loss(source: np.ndarray, tissue: np.ndarray, tile_size: int) -> dict[str, float]:
+    """What the background tiles would drop, measured on the source at the archived resolution.
+
+    ``lost_fraction``: tissue-like pixels in background tiles / all tissue-like pixels;
+    ``worst_tile``: the largest tissue-like fraction of one background tile (whole and cut tiles alike)."""
+    from wsicodec.source.tissue import tissue_like
+
+    like = tissue_like(source)
+    h, w = like.shape
+    background = ~_tile_masks(h, w, tile_size, tissue)
+    total = int(like.sum())
+    worst = 0.0
+    for r, c in zip(*np.nonzero(~np.asarray(tissue, bool))):
+        block = like[r * tile_size:(r + 1) * tile_size, c * tile_size:(c + 1) * tile_size]
+        if block.size:
+            worst = max(worst, float(block.mean()))
+    return {"lost_fraction": float(like[background].sum()) / total if total else 0.0, "worst_tile": worst,
+            "tissue_like_pixels": float(total)}

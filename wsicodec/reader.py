@@ -22,7 +22,7 @@ import numpy as np
 import openslide
 from PIL import Image
 
-from wsicodec.pipeline.decoder import HALO, Pyramid, TileDecoder, load_decoder_model, open_container
+from wsicodec.pipeline.decoder import Pyramid, TileDecoder, load_decoder_model, open_container
 
 VENDOR = "wsicodec"
 SOURCE_PREFIX = "wsicodec.source."
@@ -40,14 +40,16 @@ class PzarrSlide(openslide.AbstractSlide):
         force: bool = False,
         cache_tiles: int = 256,
         batch_size: int = 8,
-        halo: int = HALO,
+        halo: int | None = None,
+        blend: int | None = None,
         _model_obj=None,
     ):
         super().__init__()
         self._path = Path(path)
         self._container = open_container(self._path)
         net = _model_obj if _model_obj is not None else load_decoder_model(self._container, model, device, force)
-        self._decoder = TileDecoder(self._container, net, halo=halo, cache_tiles=cache_tiles, batch_size=batch_size)
+        self._decoder = TileDecoder(self._container, net, halo=halo, cache_tiles=cache_tiles, batch_size=batch_size,
+                                    blend=blend)
         self._pyramid = Pyramid(self._decoder, cache_tiles=cache_tiles)
         dims = tuple(tuple(d) for d in self._pyramid.dimensions)
         self._dims = dims
@@ -147,7 +149,7 @@ class PzarrSlide(openslide.AbstractSlide):
     def _make_properties(self) -> dict[str, str]:
         c = self._container
         grid = c.grid
-        mpp = float(grid.target_mpp)
+        mpp = float(getattr(c, "archived_mpp", grid.target_mpp))  # exact: what a measurement needs
         props: dict[str, str] = {}
         attrs = getattr(c, "attrs", {}) or {}
         source = attrs.get("source") if isinstance(attrs, dict) else None
@@ -159,8 +161,8 @@ class PzarrSlide(openslide.AbstractSlide):
                 openslide.PROPERTY_NAME_VENDOR: VENDOR,
                 openslide.PROPERTY_NAME_MPP_X: repr(mpp),
                 openslide.PROPERTY_NAME_MPP_Y: repr(mpp),
-                openslide.PROPERTY_NAME_OBJECTIVE_POWER: f"{round(10.0 / mpp, 2):g}",
-                openslide.PROPERTY_NAME_BACKGROUND_COLOR: "FFFFFF",
+                openslide.PROPERTY_NAME_OBJECTIVE_POWER: f"{round(10.0 / float(grid.target_mpp), 2):g}",
+                openslide.PROPERTY_NAME_BACKGROUND_COLOR: "%02X%02X%02X" % tuple(self._decoder.glass),
                 "openslide.level-count": str(len(self._dims)),
                 "wsicodec.model": str((c.model or {}).get("id", "")),
                 "wsicodec.quantizer": str(getattr(c.quantizer, "kind", "")),

@@ -102,6 +102,12 @@ class Autoencoder(ABC):
 
     info: ModelInfo
     device: torch.device
+    # How much context tiled coding needs to equal whole-image coding: pixels of neighbours each tile is
+    # encoded with, and latent cells of neighbours each tile is decoded with. A family with a wider
+    # receptive field sets larger values (measured: benchmarks/bench_faithful.py, docs/restore.md).
+    encode_margin_px: int = 32
+    decode_halo_cells: int = 3
+    decode_blend_px: int = 0  # cross-fade neighbouring tiles' decodes over 2x this many px (0: crop exactly)
 
     # --- what subclasses provide -------------------------------------------------------
     @abstractmethod

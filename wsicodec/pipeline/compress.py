@@ -10,6 +10,7 @@ The stages are public so that `wsicodec stats --estimate` can run the same ones 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import random
@@ -22,16 +23,17 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from wsicodec._io import disk_bytes
+from wsicodec._io import disk_bytes, partial_name
 from wsicodec._progress import progress_bar
 from wsicodec._version import __version__
 from wsicodec.format import ContainerWriter
-from wsicodec.errors import WsicodecError
+from wsicodec.errors import SlideError, WsicodecError
 from wsicodec.models import load_model
 from wsicodec.models.base import Autoencoder
 from wsicodec.quant.quantizer import Quantizer, make_quantizer
 from wsicodec.source.slide import SourceSlide, TileGrid
-from wsicodec.source.tissue import tissue_tiles
+from wsicodec.source.tissue import (DEFAULT_TISSUE_THRESHOLD, candidate_tiles, glass_colour, tissue_like,
+                                     tissue_tiles)
 
 Coord = tuple[int, int]
 
@@ -47,20 +49,42 @@ class Plan:
     tissue: np.ndarray  # bool (rows, cols)
     thumbnail: np.ndarray  # uint8 (h, w, 3) of the archived area
     coords: list[Coord]  # the tiles to encode, in the order the container wants them
+    glass: tuple[int, int, int]  # the slide's glass colour (white when it shows none)
+    kept_at_full_resolution: int = 0  # tiles the thumbnail missed that the full-resolution check kept
 
 
-def plan(slide: SourceSlide, *, target_mpp: float = 0.5, tile_size: int = 256,
-         all_tiles: bool = False, shard_tiles: int = 16) -> Plan:
+def plan(slide: SourceSlide, *, target_mpp: float = 0.5, tile_size: int = 256, all_tiles: bool = False,
+         shard_tiles: int = 16, tissue_threshold: float = DEFAULT_TISSUE_THRESHOLD, workers: int = 2) -> Plan:
     grid = slide.grid(target_mpp=target_mpp, tile_size=tile_size)
     # enough thumbnail pixels per tile for the tissue rule, also on very large slides
     thumbnail = slide.thumbnail(max(1024, 8 * max(grid.rows, grid.cols)))
-    tissue = tissue_tiles(thumbnail, grid)
+    glass = glass_colour(thumbnail) or (255, 255, 255)
+    kept = 0
     if all_tiles:
         tissue = np.ones((grid.rows, grid.cols), dtype=bool)
+    else:
+        tissue = tissue_tiles(thumbnail, grid)
+        # the thumbnail proposes; every tile it cannot clear as glass is judged at the archived resolution,
+        # so no fragment, debris or margin ink at the specimen's edge is dropped
+        candidates = [(int(r), int(c)) for r, c in zip(*np.nonzero(candidate_tiles(thumbnail, grid, tissue)))]
+        for (r, c), tile in slide.read_tiles(grid, candidates, workers=workers, fill=glass):
+            if float(tissue_like(tile).mean()) > tissue_threshold:
+                tissue[r, c] = True
+                kept += 1
     coords = [(int(r), int(c)) for r, c in zip(*np.nonzero(tissue))]
     # Shard by shard, so the writer can flush each shard as soon as its last tile arrives.
     coords.sort(key=lambda rc: (rc[0] // shard_tiles, rc[1] // shard_tiles, rc[0], rc[1]))
-    return Plan(grid=grid, tissue=tissue, thumbnail=thumbnail, coords=coords)
+    return Plan(grid=grid, tissue=tissue, thumbnail=thumbnail, coords=coords, glass=glass,
+                kept_at_full_resolution=kept)
+
+
+def encode_margin_px(model: Autoencoder, margin_px: int | None) -> int:
+    """The context margin in archived pixels (the model's own by default), rounded up to whole latent cells."""
+    f = int(model.info.spatial_factor)
+    m = int(getattr(model, "encode_margin_px", 32)) if margin_px is None else int(margin_px)
+    if m < 0:
+        raise WsicodecError(f"--encode-margin must be >= 0 pixels, got {m}")
+    return -(-m // f) * f
 
 
 def choose_quantizer(model: Autoencoder, kind: str | None, levels: int | None) -> Quantizer:
@@ -82,38 +106,61 @@ def sample_coords(coords: Sequence[Coord], n: int, seed: int = 0) -> list[Coord]
 
 
 def encode_batches(model: Autoencoder, slide: SourceSlide, grid: TileGrid, coords: Sequence[Coord], *,
-                   batch_size: int = 16, workers: int = 2) -> Iterator[tuple[list[Coord], torch.Tensor]]:
-    """Yield (coords, latents (N,C,h,w)) batch by batch; reads run ahead on threads while the model encodes."""
+                   batch_size: int = 16, workers: int = 2, margin: int = 0,
+                   fill: tuple[int, int, int] = (255, 255, 255)) -> Iterator[tuple[list[Coord], torch.Tensor]]:
+    """Yield (coords, latents (N,C,h,w)) batch by batch; reads run ahead on threads while the model encodes.
+
+    Each tile is encoded with ``margin`` pixels of its neighbours around it and its latents cropped back
+    to the tile: an encoder that sees zero padding at a tile's edge gives edge latents that disagree with
+    the neighbour's, which shows as seams however the decoder is run."""
+    def encode(tiles: list[np.ndarray]) -> torch.Tensor:
+        z = model.encode(np.stack(tiles))
+        if margin:
+            k = margin // int(model.info.spatial_factor)
+            z = z[:, :, k:z.shape[2] - k, k:z.shape[3] - k]
+        return z
+
     batch_coords: list[Coord] = []
     batch_tiles: list[np.ndarray] = []
-    for coord, tile in slide.read_tiles(grid, coords, workers=workers):
+    for coord, tile in slide.read_tiles(grid, coords, workers=workers, margin=margin, fill=fill):
         batch_coords.append(coord)
         batch_tiles.append(tile)
         if len(batch_tiles) == batch_size:
-            yield batch_coords, model.encode(np.stack(batch_tiles))
+            yield batch_coords, encode(batch_tiles)
             batch_coords, batch_tiles = [], []
     if batch_tiles:
-        yield batch_coords, model.encode(np.stack(batch_tiles))
+        yield batch_coords, encode(batch_tiles)
 
 
-def white_tile_latents(model: Autoencoder, tile_size: int) -> torch.Tensor:
-    return model.encode(np.full((1, tile_size, tile_size, 3), 255, dtype=np.uint8))
+def glass_tile_latents(model: Autoencoder, tile_size: int, glass: tuple[int, int, int] = (255, 255, 255),
+                       margin: int = 0) -> torch.Tensor:
+    """Latents of a tile of plain glass: what background tiles and the world past the slide stand for."""
+    side = tile_size + 2 * margin
+    tile = np.empty((1, side, side, 3), dtype=np.uint8)
+    tile[:] = np.asarray(glass, dtype=np.uint8)
+    z = model.encode(tile)
+    if margin:
+        k = margin // int(model.info.spatial_factor)
+        z = z[:, :, k:z.shape[2] - k, k:z.shape[3] - k]
+    return z
 
 
 def fit_quantizer(quantizer: Quantizer, model: Autoencoder, slide: SourceSlide, grid: TileGrid,
                   coords: Sequence[Coord], *, sample_tiles: int = 64, seed: int = 0, batch_size: int = 16,
-                  workers: int = 2, on_batch=None) -> dict[Coord, torch.Tensor]:
+                  workers: int = 2, on_batch=None, margin: int = 0,
+                  fill: tuple[int, int, int] = (255, 255, 255)) -> dict[Coord, torch.Tensor]:
     """Fit on the latents of a random sample of tissue tiles; returns those latents so they aren't encoded twice."""
     sample = sample_coords(coords, sample_tiles, seed)
     latents: dict[Coord, torch.Tensor] = {}
-    for batch_coords, z in encode_batches(model, slide, grid, sample, batch_size=batch_size, workers=workers):
+    for batch_coords, z in encode_batches(model, slide, grid, sample, batch_size=batch_size, workers=workers,
+                                          margin=margin, fill=fill):
         latents.update(zip(batch_coords, z))
         if on_batch is not None:
             on_batch(len(batch_coords))
     if latents:
         quantizer.fit(torch.stack(list(latents.values())))
     else:  # a slide with no tissue: the codebook only has to represent glass
-        quantizer.fit(white_tile_latents(model, grid.tile_size))
+        quantizer.fit(glass_tile_latents(model, grid.tile_size, fill, margin))
     return latents
 
 
@@ -168,6 +215,9 @@ def resolution_record(slide: SourceSlide, grid: TileGrid) -> dict[str, Any]:
         "objective_power": slide.objective_power,
         # the magnification an Aperio-style viewer should show for the archived pixels
         "archived_objective_power": round(10.0 / grid.target_mpp, 3),
+        # the exact size of the archived pixels (target_mpp is what was asked; a source within 2 % of it
+        # is archived 1:1, so its pixels keep their own size)
+        "archived_mpp": grid.actual_mpp,
     }
 
 
@@ -211,12 +261,45 @@ def _human(n: float) -> str:
 
 
 
+# how far the archive may be from the source's own resolution: beyond these it is a typo, not a choice
+MAX_DOWNSAMPLE = 64.0
+MAX_UPSAMPLE = 4.0
+
+
+def _check_output_folder(out_path: Path) -> None:
+    """Fail before any encoding when the container could not be written where asked."""
+    folder = out_path.parent
+    if not folder.is_dir():
+        raise WsicodecError(f"output folder does not exist: {folder}")
+    probe = partial_name(out_path, "probe")
+    try:
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        # access() can say yes where a write fails (read-only mounts, ACLs, quotas): really try one
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as exc:
+        raise WsicodecError(f"cannot write to the output folder {folder}: {exc.strerror or exc}") from None
+
+
+def _check_resolution(slide: SourceSlide, grid: TileGrid) -> None:
+    if grid.scale > MAX_DOWNSAMPLE:
+        raise WsicodecError(
+            f"--mpp {grid.target_mpp:g} µm/px is {grid.scale:.4g}x coarser than the slide's {slide.mpp:.4g} µm/px; "
+            f"archives may be at most {MAX_DOWNSAMPLE:g}x coarser (--mpp <= {slide.mpp * MAX_DOWNSAMPLE:.4g})")
+    if grid.scale < 1 / MAX_UPSAMPLE:
+        raise WsicodecError(
+            f"--mpp {grid.target_mpp:g} µm/px is {1 / grid.scale:.4g}x finer than the slide's {slide.mpp:.4g} µm/px; "
+            f"archives may upsample at most {MAX_UPSAMPLE:g}x (--mpp >= {slide.mpp / MAX_UPSAMPLE:.4g})")
+
+
 def compress(slide_path: str | os.PathLike, out_path: str | os.PathLike, *, model: str | Autoencoder | None = None,
              quant: str | None = None, levels: int | None = None, target_mpp: float = 0.5,
              source_mpp: float | None = None, tile_size: int = 256, all_tiles: bool = False,
              batch_size: int = 16, device: str | None = None, read_workers: int = 2, sample_tiles: int = 64,
              seed: int = 0, overwrite: bool = False, single_file: bool = False,
-             progress: bool = False) -> CompressResult:
+             tissue_threshold: float = DEFAULT_TISSUE_THRESHOLD, encode_margin: int | None = None,
+             allow_empty: bool = False, progress: bool = False) -> CompressResult:
     """Compress one slide into a .pzarr container and return what it cost and saved."""
     started = time.perf_counter()
     slide_path, out_path = Path(slide_path), Path(out_path)
@@ -227,35 +310,48 @@ def compress(slide_path: str | os.PathLike, out_path: str | os.PathLike, *, mode
         raise WsicodecError("resolutions must be positive numbers of µm per pixel")
     if batch_size < 1:
         raise WsicodecError("--batch-size must be at least 1")
+    if not 0 <= tissue_threshold < 1:
+        raise WsicodecError(f"--tissue-threshold must be a fraction in [0, 1), got {tissue_threshold}")
+    _check_output_folder(out_path)
 
     with SourceSlide(slide_path, source_mpp=source_mpp) as slide:
+        _check_resolution(slide, slide.grid(target_mpp=target_mpp, tile_size=tile_size))
         hasher = _BackgroundHash(slide_path)
         autoencoder = model if isinstance(model, Autoencoder) else load_model(model, device=device)
         if tile_size % autoencoder.info.spatial_factor:
             raise WsicodecError(f"tile size {tile_size} is not a multiple of the model's spatial factor "
                                 f"{autoencoder.info.spatial_factor}")
         quantizer = choose_quantizer(autoencoder, quant, levels)
-        layout = plan(slide, target_mpp=target_mpp, tile_size=tile_size, all_tiles=all_tiles)
+        margin = encode_margin_px(autoencoder, encode_margin)
+        layout = plan(slide, target_mpp=target_mpp, tile_size=tile_size, all_tiles=all_tiles,
+                      tissue_threshold=tissue_threshold, workers=read_workers)
+        if not layout.coords and not all_tiles and not allow_empty:
+            raise SlideError(f"no tissue found in {slide_path}; pass --allow-empty to archive it anyway")
+        context = {"margin": margin, "fill": layout.glass}
 
         prog = progress_bar(progress, unit="tiles")
         with prog:
             task = prog.add_task("compress", total=len(layout.coords))
             fitted = fit_quantizer(quantizer, autoencoder, slide, layout.grid, layout.coords,
                                    sample_tiles=sample_tiles, seed=seed, batch_size=batch_size,
-                                   workers=read_workers, on_batch=lambda n: prog.advance(task, n))
-            background = quantizer.quantize(white_tile_latents(autoencoder, tile_size))[0]
+                                   workers=read_workers, on_batch=lambda n: prog.advance(task, n), **context)
+            background = quantizer.quantize(glass_tile_latents(autoencoder, tile_size, layout.glass, margin))[0]
             writer = ContainerWriter(
                 out_path, grid=layout.grid, model=autoencoder.info, quantizer=quantizer, tissue=layout.tissue,
                 background=background, source=None, resolution=resolution_record(slide, layout.grid),
                 associated=slide.associated_images(), overwrite=overwrite, single_file=single_file,
-                tool_version=__version__,
+                tool_version=__version__, glass=layout.glass, encode_margin_px=margin,
+                encoding={"tissue_threshold": None if all_tiles else tissue_threshold, "all_tiles": all_tiles,
+                          "decode_halo_cells": int(getattr(autoencoder, "decode_halo_cells", 3)),
+                          "decode_blend_px": int(getattr(autoencoder, "decode_blend_px", 0)),
+                          "kept_at_full_resolution": layout.kept_at_full_resolution},
             )
             with writer:
                 for coord, z in fitted.items():
                     writer.write_tile(*coord, quantizer.quantize(z[None])[0])
                 remaining = [c for c in layout.coords if c not in fitted]
                 for batch_coords, z in encode_batches(autoencoder, slide, layout.grid, remaining,
-                                                      batch_size=batch_size, workers=read_workers):
+                                                      batch_size=batch_size, workers=read_workers, **context):
                     for coord, stored in zip(batch_coords, quantizer.quantize(z)):
                         writer.write_tile(*coord, stored)
                     prog.advance(task, len(batch_coords))

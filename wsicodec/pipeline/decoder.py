@@ -1,6 +1,6 @@
 """Decoding a container's tiles: dequantise -> decode with a halo of neighbouring latents -> crop.
 
-    dec = TileDecoder(container, model, halo=HALO, cache_tiles=256, batch_size=8)
+    dec = TileDecoder(container, model, halo=None, blend=None, cache_tiles=256, batch_size=8)  # None: the container's
     dec.tile(row, col) -> uint8 (t, t, 3)        # decoded once, then from an LRU cache
     dec.tiles(coords) -> list of uint8 tiles      # missing ones decoded in batches
     dec.strips() -> iterator of uint8 (t, width, 3) tile rows, top to bottom (for the TIFF writer)
@@ -11,8 +11,8 @@
 Why a halo: a decoder's output pixel depends on latents well past its own tile, so decoding a
 tile's latents alone changes the pixels near its border (visible seams). Each tile is decoded
 together with ``halo`` latent cells of its neighbours on every side (the stored latents, or the
-container's white-tile encoding past the mosaic or in background tiles) and the halo's pixels are
-cropped away. ``benchmarks/bench_seams.py`` measured the seam ratio against the halo; see
+container's glass-tile encoding past the mosaic or in background tiles) and the halo's pixels are
+cropped away; with a blend band b, neighbouring tiles' decodes are cross-faded over 2b px instead. ``benchmarks/bench_seams.py`` measured the seam ratio against the halo; see
 docs/restore.md.
 """
 
@@ -35,11 +35,33 @@ HALO = 3
 WHITE = 255
 
 
+def container_blend(container) -> int:
+    """Pixels over which neighbouring tiles' decodes are cross-faded (format 1.1 records the model's); 0 in
+    containers that record none, which then restore exactly as they always did."""
+    rec = ((getattr(container, "attrs", None) or {}).get("encoding") or {}).get("decode_blend_px")
+    return int(rec) if isinstance(rec, int) and 0 <= rec <= 256 else 0
+
+
+def blend_profile(tile_size: int, blend: int) -> np.ndarray:
+    """Weight of a tile's decode over its extended extent [-blend, t + blend): a linear ramp from 0 to 1
+    across each border band of 2 * blend px, 1 inside. Neighbours' ramps sum to 1 across every border."""
+    u = np.arange(-blend, tile_size + blend, dtype=np.float64)
+    return np.clip(np.minimum(u + blend, tile_size + blend - u) / (2 * blend), 0.0, 1.0).astype(np.float32)
+
+
+def container_halo(container) -> int:
+    """The halo a container asks for (format 1.1 records the model's), else the 1.0 default of 3 cells,
+    so containers written before the halo was recorded restore exactly as they always did."""
+    rec = ((getattr(container, "attrs", None) or {}).get("encoding") or {}).get("decode_halo_cells")
+    return int(rec) if isinstance(rec, int) and 0 <= rec <= 64 else HALO
+
+
 # =========================================================================== tile decoding
 class TileDecoder:
     """Decodes a container's output tiles (grid tiles at the archive resolution) on demand."""
 
-    def __init__(self, container, model, *, halo: int = HALO, cache_tiles: int = 256, batch_size: int = 8):
+    def __init__(self, container, model, *, halo: int | None = None, cache_tiles: int = 256, batch_size: int = 8,
+                 blend: int | None = None):
         self.container = container
         self.model = model
         self.grid = container.grid
@@ -50,7 +72,15 @@ class TileDecoder:
                 f"tile size {self.tile_size} is not a multiple of the model's spatial factor {self.factor}"
             )
         self.cells = self.tile_size // self.factor  # latent cells per tile side
-        self.halo = int(halo)
+        self.halo = int(halo) if halo is not None else container_halo(container)
+        # decodes of neighbouring tiles overlap by 2 * blend px and are cross-faded there, so a model whose
+        # output depends on its whole window (GroupNorm) shows no step at tile borders
+        self.blend = int(blend) if blend is not None else container_blend(container)
+        if not 0 <= self.blend <= self.halo * self.factor or 2 * self.blend > self.tile_size:
+            raise ContainerError(f"blend of {self.blend} px needs a halo of at least {self.blend} px and at most "
+                                 f"half a tile (halo {self.halo * self.factor} px, tile {self.tile_size} px)")
+        self._profile = blend_profile(self.tile_size, self.blend) if self.blend else None
+        self._raw_cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self.batch_size = max(1, int(batch_size))
         self.tissue = np.asarray(container.tissue, dtype=bool)
         self.quantizer = container.quantizer
@@ -60,6 +90,12 @@ class TileDecoder:
         self.decoded = 0  # tiles run through the decoder (cache misses), for stats and tests
         self._white = np.full((self.tile_size, self.tile_size, 3), WHITE, np.uint8)
         self._white.setflags(write=False)
+        # background tiles inside the image come back as the slide's glass (white in 1.0 containers);
+        # past the image's edge stays white, as the TIFF writer pads
+        self.glass = tuple(getattr(container, "glass_rgb", (WHITE, WHITE, WHITE)))
+        self._glass = np.empty((self.tile_size, self.tile_size, 3), np.uint8)
+        self._glass[:] = np.asarray(self.glass, np.uint8)
+        self._glass.setflags(write=False)
 
     # ------------------------------------------------------------------ what is where
     @property
@@ -70,6 +106,10 @@ class TileDecoder:
     def cols(self) -> int:
         return int(self.grid.cols)
 
+    def blank(self, row: int, col: int) -> np.ndarray:
+        """What a background tile shows: glass inside the image, white past its edge."""
+        return self._glass if (0 <= row < self.rows and 0 <= col < self.cols) else self._white
+
     def is_background(self, row: int, col: int) -> bool:
         if not (0 <= row < self.rows and 0 <= col < self.cols):
             return True
@@ -77,10 +117,10 @@ class TileDecoder:
 
     # ------------------------------------------------------------------ decoding
     def _decode_latents(self, stored: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Stored (C, n+2H, n+2H) blocks -> decoded tiles (t, t, 3), halo cropped, in batches."""
+        """Stored (C, n+2H, n+2H) blocks -> decoded tiles (t+2b, t+2b, 3), halo cropped to the blend band b."""
         out: list[np.ndarray] = []
-        crop = self.halo * self.factor
-        t = self.tile_size
+        crop = self.halo * self.factor - self.blend
+        t = self.tile_size + 2 * self.blend
         for i in range(0, len(stored), self.batch_size):
             batch = np.stack(stored[i : i + self.batch_size])
             z = self.quantizer.dequantize(batch)
@@ -102,16 +142,63 @@ class TileDecoder:
         n, h = self.cells, self.halo
         return self._read(row * n - h, col * n - h, (row + 1) * n + h, (col + 1) * n + h)
 
+    def _raw(self, coords: Sequence[tuple[int, int]]) -> dict[tuple[int, int], np.ndarray]:
+        """Each tissue tile's own decode (extended by the blend band), from the raw cache or decoded now."""
+        out: dict[tuple[int, int], np.ndarray] = {}
+        missing = []
+        for rc in dict.fromkeys(coords):
+            if self.is_background(*rc):
+                continue
+            if rc in self._raw_cache:
+                self._raw_cache.move_to_end(rc)
+                out[rc] = self._raw_cache[rc]
+            else:
+                missing.append(rc)
+        if missing:
+            for rc, tile in zip(missing, self._decode_latents([self._latents_for(*rc) for rc in missing])):
+                out[rc] = tile
+                if self.cache_tiles:
+                    self._raw_cache[rc] = tile
+            while len(self._raw_cache) > max(self.cache_tiles, 0) * 2:
+                self._raw_cache.popitem(last=False)
+            self.decoded += len(missing)
+        return out
+
+    def _compose(self, row: int, col: int, raw: dict[tuple[int, int], np.ndarray]) -> np.ndarray:
+        """Tile (row, col) from its own decode and, within the blend band, its tissue neighbours' decodes."""
+        t, b = self.tile_size, self.blend
+        own = raw[(row, col)]
+        if not b:
+            return own
+        prof = self._profile
+        acc = np.zeros((t, t, 3), np.float32)
+        wsum = np.zeros((t, t, 1), np.float32)
+        for dr in (-1, 0, 1):
+            for dc in (-1, 0, 1):
+                ext = raw.get((row + dr, col + dc))
+                if ext is None:  # glass or past the edge: the tile's own decode stands alone there
+                    continue
+                # our pixel y maps to index y - dr*t + b of the neighbour's extended decode
+                y0, y1 = max(0, dr * t - b), min(t, dr * t + t + b)
+                x0, x1 = max(0, dc * t - b), min(t, dc * t + t + b)
+                if y1 <= y0 or x1 <= x0:
+                    continue
+                ey, ex = slice(y0 - dr * t + b, y1 - dr * t + b), slice(x0 - dc * t + b, x1 - dc * t + b)
+                w = prof[ey][:, None, None] * prof[ex][None, :, None]
+                acc[y0:y1, x0:x1] += w * ext[ey, ex]
+                wsum[y0:y1, x0:x1] += w
+        return np.clip(np.rint(acc / np.maximum(wsum, 1e-12)), 0, 255).astype(np.uint8)
+
+    def _neighbourhood(self, coords: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+        if not self.blend:
+            return list(coords)
+        return [(r + dr, c + dc) for r, c in coords for dr in (-1, 0, 1) for dc in (-1, 0, 1)]
+
     def decode(self, coords: Sequence[tuple[int, int]]) -> list[np.ndarray]:
-        """Decode tissue tiles (no cache involved); background tiles come back white."""
-        todo = [(i, rc) for i, rc in enumerate(coords) if not self.is_background(*rc)]
-        result: list[np.ndarray] = [self._white] * len(coords)
-        if todo:
-            tiles = self._decode_latents([self._latents_for(*rc) for _, rc in todo])
-            for (i, _), tile in zip(todo, tiles):
-                result[i] = tile
-            self.decoded += len(todo)
-        return result
+        """Decode tiles (background tiles come back as glass); neighbours are decoded as blending needs."""
+        tissue = [rc for rc in coords if not self.is_background(*rc)]
+        raw = self._raw(self._neighbourhood(tissue)) if tissue else {}
+        return [self.blank(*rc) if self.is_background(*rc) else self._compose(*rc, raw) for rc in coords]
 
     def tiles(self, coords: Sequence[tuple[int, int]]) -> list[np.ndarray]:
         """Tiles at ``coords`` (row, col), from the cache where possible; misses decoded in batches."""
@@ -121,7 +208,7 @@ class TileDecoder:
             missing = []
             for rc in dict.fromkeys(coords):
                 if self.is_background(*rc):
-                    result[rc] = self._white
+                    result[rc] = self.blank(*rc)
                 elif rc in self._cache:
                     self._cache.move_to_end(rc)
                     result[rc] = self._cache[rc]
@@ -139,33 +226,47 @@ class TileDecoder:
     def tile(self, row: int, col: int) -> np.ndarray:
         return self.tiles([(row, col)])[0]
 
+    def _raw_row(self, row: int) -> dict[tuple[int, int], np.ndarray]:
+        """Own decodes of one row's tissue tiles; one read_latents call for the row and its halo."""
+        if not 0 <= row < self.rows:
+            return {}
+        n, h = self.cells, self.halo
+        cols = [c for c in range(self.cols) if not self.is_background(row, c)]
+        out: dict[tuple[int, int], np.ndarray] = {}
+        if not cols:
+            return out
+        c0, c1 = cols[0], cols[-1] + 1
+        band = self._read(row * n - h, c0 * n - h, (row + 1) * n + h, c1 * n + h)
+        for i in range(0, len(cols), self.batch_size):
+            chunk = cols[i : i + self.batch_size]
+            stored = [band[:, :, (c - c0) * n : (c - c0 + 1) * n + 2 * h] for c in chunk]
+            out.update(zip([(row, c) for c in chunk], self._decode_latents(stored)))
+        self.decoded += len(cols)
+        return out
+
     def strips(self, on_tiles: Callable[[int], None] | None = None) -> Iterator[np.ndarray]:
         """Level 0 as tile rows (t, width, 3), top to bottom; the cache is bypassed.
 
-        One ``read_latents`` call fetches a whole row of tiles plus its halo. ``on_tiles(n)`` is
-        called as tiles finish (for a progress bar).
+        Each tile row is decoded once; with blending, a row is composed once the next one is decoded too.
+        ``on_tiles(n)`` is called as tiles finish (for a progress bar).
         """
-        t, n, h = self.tile_size, self.cells, self.halo
+        t = self.tile_size
         width, height = int(self.grid.width), int(self.grid.height)
+        above: dict[tuple[int, int], np.ndarray] = {}
+        here = self._raw_row(0)
         for row in range(self.rows):
-            strip = np.full((min(t, height - row * t), width, 3), WHITE, np.uint8)
-            cols = [c for c in range(self.cols) if not self.is_background(row, c)]
-            if cols:
-                c0, c1 = cols[0], cols[-1] + 1
-                band = self._read(row * n - h, c0 * n - h, (row + 1) * n + h, c1 * n + h)
-                for i in range(0, len(cols), self.batch_size):
-                    chunk = cols[i : i + self.batch_size]
-                    stored = [band[:, :, (c - c0) * n : (c - c0 + 1) * n + 2 * h] for c in chunk]
-                    for c, tile in zip(chunk, self._decode_latents(stored)):
-                        x0 = c * t
-                        w = min(t, width - x0)
-                        strip[:, x0 : x0 + w] = tile[: strip.shape[0], :w]
-                    self.decoded += len(chunk)
-                    if on_tiles:
-                        on_tiles(len(chunk))
-            if on_tiles and len(cols) < self.cols:
-                on_tiles(self.cols - len(cols))
+            below = self._raw_row(row + 1) if self.blend else {}
+            raw = {**above, **here, **below}
+            strip = np.empty((min(t, height - row * t), width, 3), np.uint8)
+            strip[:] = np.asarray(self.glass, np.uint8)
+            for (_, c) in here:
+                x0 = c * t
+                w = min(t, width - x0)
+                strip[:, x0 : x0 + w] = self._compose(row, c, raw)[: strip.shape[0], :w]
+            if on_tiles:
+                on_tiles(self.cols)
             yield strip
+            above, here = (here if self.blend else {}), (below if self.blend else self._raw_row(row + 1))
 
 
 def prefetch(items: Iterator, depth: int = 1) -> Iterator:
@@ -228,6 +329,17 @@ class Pyramid:
     def level_count(self) -> int:
         return len(self.dimensions)
 
+    def _inside(self, level: int, i: int, j: int) -> bool:
+        """Whether level tile (i, j) lies wholly inside the image: then a blank one is plain glass."""
+        lw, lh = self.dimensions[level]
+        t = self.tile_size
+        return (i + 1) * t <= lh and (j + 1) * t <= lw
+
+    def _outside(self, level: int, i: int, j: int) -> bool:
+        lw, lh = self.dimensions[level]
+        t = self.tile_size
+        return i * t >= lh or j * t >= lw
+
     def _all_background(self, level: int, i: int, j: int) -> bool:
         span = 1 << level
         block = self.decoder.tissue[i * span : (i + 1) * span, j * span : (j + 1) * span]
@@ -242,8 +354,10 @@ class Pyramid:
             need = []
             for rc in dict.fromkeys(coords):
                 key = (level, *rc)
-                if self._all_background(level, *rc):
+                if self._outside(level, *rc):
                     out[rc] = self.decoder._white
+                elif self._all_background(level, *rc) and self._inside(level, *rc):
+                    out[rc] = self.decoder._glass
                 elif key in self._cache:
                     self._cache.move_to_end(key)
                     out[rc] = self._cache[key]

@@ -328,19 +328,28 @@ class SourceSlide:
             out = rgb.resize((w, h), Image.BILINEAR, box=sub)
         return np.asarray(out, dtype=np.uint8)
 
-    def read_tile(self, grid: TileGrid, row: int, col: int) -> np.ndarray:
-        """One tile as uint8 (tile, tile, 3); white past the image's right/bottom edge. Thread-safe."""
-        x, y, w, h = grid.tile_box(row, col)
-        rgb = self._read_area(grid.level, (grid.origin_x, grid.origin_y), grid.scale, (x, y, w, h))
-        t = grid.tile_size
-        if (w, h) == (t, t):
+    def read_tile(self, grid: TileGrid, row: int, col: int, margin: int = 0,
+                  fill: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+        """One tile as uint8 (t + 2 margin, t + 2 margin, 3). Thread-safe.
+
+        ``margin`` archived pixels of the neighbours come with it on every side (an encoder then sees the
+        tile's context); whatever lies past the archived image is ``fill`` (the slide's glass)."""
+        t, m = grid.tile_size, int(margin)
+        size = t + 2 * m
+        x0, y0 = col * t - m, row * t - m
+        cx0, cy0 = max(0, x0), max(0, y0)
+        cx1, cy1 = min(grid.width, x0 + size), min(grid.height, y0 + size)
+        box = (cx0, cy0, cx1 - cx0, cy1 - cy0)
+        rgb = self._read_area(grid.level, (grid.origin_x, grid.origin_y), grid.scale, box)
+        if box == (x0, y0, size, size):
             return rgb
-        out = np.full((t, t, 3), 255, dtype=np.uint8)
-        out[:h, :w] = rgb
+        out = np.empty((size, size, 3), dtype=np.uint8)
+        out[:] = np.asarray(fill, dtype=np.uint8)
+        out[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] = rgb
         return out
 
-    def read_tiles(self, grid: TileGrid, coords: Iterable[tuple[int, int]],
-                   workers: int = 2) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
+    def read_tiles(self, grid: TileGrid, coords: Iterable[tuple[int, int]], workers: int = 2, margin: int = 0,
+                   fill: tuple[int, int, int] = (255, 255, 255)) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
         """Read tiles with a thread pool, yielding ((row, col), tile) in the order of ``coords``.
 
         At most ``2 * workers`` tiles are in flight, so memory stays bounded however long ``coords`` is.
@@ -351,7 +360,7 @@ class SourceSlide:
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wsicodec-read")
         try:
             for rc in it:
-                pending.append((rc, pool.submit(self.read_tile, grid, rc[0], rc[1])))
+                pending.append((rc, pool.submit(self.read_tile, grid, rc[0], rc[1], margin, fill)))
                 if len(pending) >= 2 * workers:
                     rc0, fut = pending.popleft()
                     yield (rc0[0], rc0[1]), fut.result()
