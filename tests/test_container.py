@@ -302,10 +302,27 @@ def test_bad_tiles_are_refused(tmp_path, quantizer):
 
 
 # ------------------------------------------------------------------------------------------ refusing
-def _edit_root_attrs(path: Path, edit) -> None:
+def _edit_root_attrs(path: Path, edit, reseal: bool = True) -> None:
+    """Edit the root attributes; ``reseal`` re-signs the integrity manifest as a writer would."""
     meta = json.loads((path / "zarr.json").read_text())
     edit(meta["attributes"]["pzarr"])
     (path / "zarr.json").write_text(json.dumps(meta))
+    if reseal and "integrity" in meta["attributes"]["pzarr"]:
+        from wsicodec.format.integrity import KeyStore, build_manifest, manifest_bytes
+
+        write_id = meta["attributes"]["pzarr"]["integrity"]["write_id"]
+        blob = np.frombuffer(manifest_bytes(build_manifest(KeyStore.for_path(path), write_id)), np.uint8)
+        root = zarr.open_group(path, mode="r+")
+        arr = root.create_array("integrity", shape=blob.shape, dtype="uint8", chunks=blob.shape, overwrite=True,
+                                compressors=[zarr.codecs.Crc32cCodec()], fill_value=0)
+        arr[...] = blob
+
+
+def test_an_unsealed_edit_of_the_attributes_is_refused(written):
+    path, _ = written
+    _edit_root_attrs(path, lambda a: a["grid"].update(width=a["grid"]["width"] - 100), reseal=False)
+    with pytest.raises(ContainerError, match="damaged container: zarr.json"):
+        Container.open(path)
 
 
 def test_missing_and_foreign_paths_are_refused(tmp_path):
@@ -325,18 +342,18 @@ def test_missing_and_foreign_paths_are_refused(tmp_path):
         Container.open(empty)
 
 
-def test_deleted_shard_is_truncated(written):
+def test_deleted_shard_is_missing(written):
     path, _ = written
     (path / "latents" / "c" / "0" / "1" / "0").unlink()
-    with pytest.raises(ContainerError, match="truncated or incomplete"):
+    with pytest.raises(ContainerError, match="damaged container: latents/c/0/1/0: missing"):
         Container.open(path)
 
 
-def test_cut_short_shard_is_truncated(written):
+def test_cut_short_shard_is_refused(written):
     path, _ = written
     shard = path / "latents" / "c" / "0" / "0" / "0"
     shard.write_bytes(shard.read_bytes()[:100])
-    with pytest.raises(ContainerError, match="truncated or incomplete"):
+    with pytest.raises(ContainerError, match=r"damaged container: latents/c/0/0/0: size 100 bytes"):
         Container.open(path)
 
 
@@ -346,16 +363,17 @@ def test_corrupt_shard_is_reported_on_read(written):
     data = bytearray(shard.read_bytes())
     data[-5] ^= 0xFF  # flip a byte of the index: its crc32c no longer matches
     shard.write_bytes(bytes(data))
-    c = Container.open(path)
-    with pytest.raises(ContainerError, match="corrupt"):
+    c = Container.open(path)  # shards are checked when read, not at open
+    with pytest.raises(ContainerError, match="damaged container: latents"):
         c.read_tile(1, 1)
-    with pytest.raises(ContainerError, match=r"corrupt latent shard \(0, 0\)"):
-        c.verify()
+    lines = [p.line() for p in c.verify()]
+    assert "latents/c/0/0/0: SHA-256 does not match the manifest" in lines
+    assert any(line.startswith("latents/c/0/0/0: shard unreadable") for line in lines)
 
 
-def test_verify_reads_every_tissue_tile(written):
+def test_verify_passes_an_intact_container(written):
     path, tiles = written
-    assert Container.open(path).verify() == len(tiles)
+    assert Container.open(path).verify() == []
 
 
 def test_missing_root_metadata_is_truncated(written):
@@ -399,7 +417,7 @@ def test_describe_is_plain_json_with_what_info_shows(written):
     path, tiles = written
     d = Container.open(path).describe()
     json.dumps(d)
-    assert d["format_version"] == "1.0"
+    assert d["format_version"] == "1.1"
     assert d["quantizer"]["codebook_size"] == 256 and d["quantizer"]["kind"] == "kmeans"
     assert d["tiles"]["tissue"] == len(tiles) < d["tiles"]["total"]
     assert d["source"] == {"filename": "s.svs", "size": 12345, "sha256": "c" * 64, "vendor": "aperio",
@@ -455,3 +473,15 @@ def test_slide_without_tissue_and_odd_associated_images(tmp_path, quantizer):
     # the label is stored losslessly (PNG): exact; the macro as JPEG: close
     assert imgs["label"][0, 0].tolist() == [255, 0, 0] and imgs["label"][1, 1].tolist() == [255, 255, 255]
     assert imgs["macro"].shape == (3, 4, 3) and np.abs(imgs["macro"].astype(int) - 17).max() <= 2
+
+
+def test_a_reader_notices_its_container_replaced_under_it(written, quantizer):
+    path, tiles = written
+    reader = Container.open(path)
+    first = next(iter(tiles))
+    np.testing.assert_array_equal(reader.read_tile(*first), tiles[first])
+    write(path, quantizer, make_tiles(quantizer, tissue_mask(), seed=9), overwrite=True)  # another slide
+    with pytest.raises(ContainerError, match="replaced or changed while open"):
+        reader.read_tile(*first)
+    fresh = Container.open(path)
+    assert not np.array_equal(fresh.read_tile(*first), tiles[first])

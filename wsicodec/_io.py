@@ -32,25 +32,28 @@ NAME_MAX = 255
 _HOST = "".join(ch if ch.isalnum() or ch == "-" else "_" for ch in socket.gethostname())[:32] or "host"
 
 
-def partial_name(final: Path, tag: str = "partial") -> Path:
-    """A hidden, unique sibling name for writing ``final``; fits the filesystem's 255-byte name limit."""
-    suffix = f".{tag}-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
+def _partial_stem(final: Path, tag: str) -> str:
+    """'.<name>', shortened with a digest of the name when the partial name would pass NAME_MAX."""
+    longest_suffix = len(f".{tag}-{_HOST}-{'9' * 10}-{'f' * 8}".encode())
     stem = f".{final.name}"
-    room = NAME_MAX - len(suffix.encode())
+    room = NAME_MAX - longest_suffix
     if len(stem.encode()) > room:
         digest = hashlib.sha1(final.name.encode()).hexdigest()[:10]
         stem = stem.encode()[: room - 11].decode(errors="ignore") + "~" + digest
-    return final.with_name(stem + suffix)
+    return stem
+
+
+def partial_name(final: Path, tag: str = "partial") -> Path:
+    """A hidden, unique sibling name for writing ``final``; fits the filesystem's 255-byte name limit."""
+    return final.with_name(f"{_partial_stem(final, tag)}.{tag}-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def _partial_owner(final: Path, candidate: Path, tag: str) -> tuple[str, int] | None:
     """(host, pid) of a partial name made by :func:`partial_name` for ``final``, else None."""
-    marker = f".{tag}-"
-    name = candidate.name
-    if not name.startswith(f".{final.name}{marker}"):
+    prefix = f"{_partial_stem(final, tag)}.{tag}-"
+    if not candidate.name.startswith(prefix):
         return None
-    rest = name[len(f".{final.name}{marker}"):]
-    parts = rest.rsplit("-", 2)
+    parts = candidate.name[len(prefix):].rsplit("-", 2)
     if len(parts) != 3 or not parts[1].isdigit():
         return None
     return parts[0], int(parts[1])
@@ -128,9 +131,9 @@ def commit(tmp: Path, final: Path, *, overwrite: bool) -> None:
     if final.exists() or final.is_symlink():
         if not overwrite:
             raise OutputExistsError(f"{final} already exists; pass --overwrite to replace it")
-        if final.is_dir() and not final.is_symlink():
-            # a folder cannot be replaced atomically: old aside, new in, old removed, so a complete
-            # output is at (or beside) final at every moment
+        if (final.is_dir() and not final.is_symlink()) or tmp.is_dir():
+            # a folder cannot be replaced atomically (nor a file by a folder): old aside, new in, old
+            # removed, so a complete output is at (or beside) final at every moment
             old = partial_name(final, "old")
             os.replace(final, old)
             try:

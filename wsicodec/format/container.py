@@ -14,17 +14,17 @@ Interface:
     c.tissue (bool (rows, cols)), c.background (C, t/f, t/f), c.associated_images() -> dict[str, np.ndarray],
     c.read_latents(r0, c0, r1, c1) -> np.ndarray (C, r1-r0, c1-c0) stored values; r*, c* are *latent-cell*
          coordinates (tile (row, col) starts at cell (row*t/f, col*t/f)); cells outside the mosaic or in
-         background tiles come back as the container's background (the stored encoding of a white tile)
+         background tiles come back as the container's background (the stored encoding of a glass tile; a white one in 1.0)
     c.read_tile(row, col) -> (C, t/f, t/f) stored values;  c.describe() -> dict;  c.disk_bytes() -> int
-    c.verify() -> int                             # reads every tissue shard; ContainerError if one is damaged
+    c.verify() -> list[Problem]                   # every key against the manifest, every chunk read; [] if intact
     stored_tile_bytes(stored: np.ndarray) -> int   # bytes one tile costs in a container (same codec + shard index)
 """
 
 from __future__ import annotations
 
-from __future__ import annotations
-
+import hashlib
 import os
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ import zarr
 from wsicodec._io import disk_bytes
 from wsicodec.errors import ContainerError
 from wsicodec.format.spec import (FORMAT_NAME, READ_MAJOR, SHARD_INDEX_CHECKSUM_BYTES, SHARD_INDEX_ENTRY_BYTES, SHARD_TILES, ZIP_MAGIC)
+from wsicodec.format.integrity import INTEGRITY_ARRAY, KeyStore, Problem, check_keys, parse_manifest
 from wsicodec.format.spec import decode_image
 from wsicodec.quant.quantizer import Quantizer
 
@@ -44,6 +45,14 @@ def _is_zip(path: Path) -> bool:
             return f.read(4) in ZIP_MAGIC
     except OSError:
         return False
+
+
+class UnverifiedContainerWarning(UserWarning):
+    """A container written before format 1.1: it has no checksums to check."""
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 class Container:
@@ -61,6 +70,9 @@ class Container:
         self._tissue: np.ndarray | None = None
         self._background: np.ndarray | None = None
         self._quantizer: Quantizer | None = None
+        self.checksummed = False
+        self.manifest: dict[str, Any] | None = None
+        self._root_sha256: str | None = None
 
     # -------------------------------------------------------------------------- opening
     @classmethod
@@ -108,16 +120,100 @@ class Container:
         if attrs.get("complete") is not True:
             raise ContainerError(f"truncated or incomplete .pzarr container (not marked complete): {p}")
         try:
+            minor = int(version.split(".")[1])
+        except (IndexError, ValueError):
+            minor = 0
+        try:
             for name in ("latents", "tissue_mask", "background"):
                 root[name]
             c = cls(p, root, store, attrs)
+            c.checksummed = minor >= 1
+            if c.checksummed:
+                c._check_integrity()
+            else:
+                warnings.warn(f"{p}: a format {version} container carries no data checksums; "
+                              "damage to it may go unnoticed (rewrite it with this wsicodec to add them)",
+                              UnverifiedContainerWarning, stacklevel=2)
             c._check_shards()
+            c._check_records()
         except ContainerError:
             raise
         except Exception as exc:
             raise ContainerError(f"truncated or incomplete .pzarr container ({type(exc).__name__}: {exc}): {p}") \
                 from None
         return c
+
+    def _check_integrity(self) -> None:
+        """Format 1.1: the sealed manifest lists every key; metadata and the small arrays must match it."""
+        rec = self.attrs.get("integrity")
+        if not isinstance(rec, dict) or rec.get("array") != INTEGRITY_ARRAY or INTEGRITY_ARRAY not in self._root:
+            raise ContainerError(f"damaged container: its integrity manifest is missing: {self.path}")
+        try:
+            raw = bytes(np.asarray(self._root[INTEGRITY_ARRAY][...], dtype=np.uint8).tobytes())
+        except Exception as exc:
+            raise ContainerError(f"damaged container: integrity manifest unreadable ({_one_line(exc)}): "
+                                 f"{self.path}") from None
+        manifest = parse_manifest(raw)
+        if manifest.get("write_id") != rec.get("write_id"):
+            raise ContainerError(f"damaged container: manifest and attributes come from different writes: {self.path}")
+        store = KeyStore.for_path(self.path)
+        try:
+            # metadata and the small arrays are hashed on every open (a few KB); latent chunks carry crc32c
+            small = frozenset(k for k in manifest["keys"] if k.endswith("zarr.json") or not k.startswith("latents/"))
+            problems = check_keys(store, manifest, hash_keys=small)
+        finally:
+            store.close()
+        if problems:
+            more = f" (and {len(problems) - 1} more; run wsicodec verify)" if len(problems) > 1 else ""
+            raise ContainerError(f"damaged container: {problems[0].line()}{more}: {self.path}")
+        self.manifest = manifest
+        self._root_sha256 = manifest["keys"]["zarr.json"]["sha256"]
+
+    def _check_records(self) -> None:
+        """What the attributes promise must hold: tissue count, a finite sorted codebook, a sane grid."""
+        tiles = self.attrs.get("tiles") or {}
+        grid = self.attrs.get("grid") or {}
+        try:
+            tissue = self.tissue
+        except Exception as exc:
+            raise ContainerError(f"damaged container: tissue_mask unreadable ({_one_line(exc)}): {self.path}") from None
+        if tissue.shape != (grid.get("rows"), grid.get("cols")):
+            raise ContainerError(f"damaged container: tissue_mask is {tissue.shape}, the grid "
+                                 f"{grid.get('rows')}x{grid.get('cols')}: {self.path}")
+        if int(tissue.sum()) != tiles.get("tissue"):
+            raise ContainerError(f"damaged container: tissue_mask marks {int(tissue.sum())} tiles, the attributes "
+                                 f"say {tiles.get('tissue')}: {self.path}")
+        t, f = grid.get("tile_size"), (self.attrs.get("model") or {}).get("spatial_factor")
+        lat = self._latents.shape
+        if not (isinstance(t, int) and isinstance(f, int) and f > 0 and t % f == 0 and self.tile_cells == t // f
+                and lat[1] == grid["rows"] * self.tile_cells and lat[2] == grid["cols"] * self.tile_cells
+                and 0 < grid.get("width", 0) <= grid["cols"] * t and 0 < grid.get("height", 0) <= grid["rows"] * t
+                and grid["width"] > (grid["cols"] - 1) * t and grid["height"] > (grid["rows"] - 1) * t):
+            raise ContainerError(f"damaged container: grid, layout and latents disagree: {self.path}")
+        if "codebook" in self._root:
+            try:
+                cb = np.asarray(self._root["codebook"][...], dtype=np.float32)
+            except Exception as exc:
+                raise ContainerError(f"damaged container: codebook unreadable ({_one_line(exc)}): {self.path}") \
+                    from None
+            if not np.isfinite(cb).all() or (cb.ndim == 2 and cb.shape[1] > 1 and (np.diff(cb, axis=1) < 0).any()):
+                raise ContainerError(f"damaged container: codebook is not finite and sorted: {self.path}")
+        try:
+            self.background
+        except Exception as exc:
+            raise ContainerError(f"damaged container: background unreadable ({_one_line(exc)}): {self.path}") \
+                from None
+
+    def check_generation(self) -> None:
+        """Refuse to go on if a directory container was replaced since it was opened (its root changed)."""
+        if self._root_sha256 is None or not self.path.is_dir():
+            return
+        try:
+            now = hashlib.sha256((self.path / "zarr.json").read_bytes()).hexdigest()
+        except OSError:
+            now = None
+        if now != self._root_sha256:
+            raise ContainerError(f"{self.path} was replaced or changed while open; open it again")
 
     def _shard_keys_present(self) -> set[tuple[int, int]]:
         prefix = "latents/c/0/"
@@ -199,6 +295,25 @@ class Container:
         return self._tissue
 
     @property
+    def glass_rgb(self) -> tuple[int, int, int]:
+        """The slide's glass colour, painted into background tiles (white in containers that record none)."""
+        rgb = (self.attrs.get("glass") or {}).get("rgb")
+        if isinstance(rgb, list) and len(rgb) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in rgb):
+            return (rgb[0], rgb[1], rgb[2])
+        return (255, 255, 255)
+
+    @property
+    def archived_mpp(self) -> float:
+        """µm per archived pixel as stored: the source's pixel size times the grid's scale (exact)."""
+        res = self.attrs.get("resolution") or {}
+        if res.get("archived_mpp"):
+            return float(res["archived_mpp"])
+        grid = self.attrs.get("grid") or {}
+        if grid.get("source_mpp") and grid.get("scale"):
+            return float(grid["source_mpp"]) * float(grid["scale"])
+        return float(grid.get("target_mpp") or res.get("target_mpp"))
+
+    @property
     def background(self) -> np.ndarray:
         if self._background is None:
             self._background = self._root["background"][...]
@@ -244,7 +359,9 @@ class Container:
         try:
             data = self._latents[:, y0:y1, x0:x1]
         except Exception as exc:
-            raise ContainerError(f"corrupt latent shard in {self.path} ({type(exc).__name__}: {exc})") from None
+            raise ContainerError(f"damaged container: latents {y0}:{y1}, {x0}:{x1} unreadable "
+                                 f"({_one_line(exc)}): {self.path}") from None
+        self.check_generation()  # the bytes just read must be this container's, not a replacement's
         # which cells of the window belong to tissue tiles
         ty = (np.arange(y0, y1) // tl) - y0 // tl
         tx = (np.arange(x0, x1) // tl) - x0 // tl
@@ -258,11 +375,16 @@ class Container:
         tl = self.tile_cells
         return self.read_latents(row * tl, col * tl, (row + 1) * tl, (col + 1) * tl)
 
-    def verify(self) -> int:
-        """Read every shard that holds tissue (checking each index's CRC-32C and each chunk's zstd frame).
-
-        Returns the number of tissue tiles read; raises ContainerError at the first damaged shard.
-        """
+    def verify(self) -> list[Problem]:
+        """Check every stored byte: each key against the manifest (format 1.1), then every chunk through
+        Zarr (crc32c, zstd) and every associated image through its decoder. [] when intact."""
+        problems: list[Problem] = []
+        if self.checksummed and self.manifest is not None:
+            store = KeyStore.for_path(self.path)
+            try:
+                problems += check_keys(store, self.manifest, full=True)
+            finally:
+                store.close()
         s = int(self.attrs.get("layout", {}).get("shard_tiles") or SHARD_TILES)
         tl = self.tile_cells
         rr, cc = np.nonzero(self.tissue)
@@ -270,9 +392,15 @@ class Container:
             try:
                 self._latents[:, i * s * tl:(i + 1) * s * tl, j * s * tl:(j + 1) * s * tl]
             except Exception as exc:
-                raise ContainerError(f"corrupt latent shard ({i}, {j}) in {self.path} "
-                                     f"({type(exc).__name__}: {exc})") from None
-        return int(len(rr))
+                problems.append(Problem(f"latents/c/0/{i}/{j}", f"shard unreadable ({_one_line(exc)})"))
+        if "associated" in self._root:
+            grp = self._root["associated"]
+            for name in sorted(grp.array_keys()):
+                try:
+                    decode_image(grp[name][...])
+                except Exception as exc:
+                    problems.append(Problem(f"associated/{name}", f"image unreadable ({_one_line(exc)})"))
+        return problems
 
     def associated_images(self) -> dict[str, np.ndarray]:
         """The source's associated images ("label", "macro", "thumbnail") as uint8 (H, W, 3)."""
@@ -328,7 +456,9 @@ class Container:
                 "range": q.get("range"),
             },
             "grid": a.get("grid"),
-            "resolution": a.get("resolution"),
+            "resolution": {**(a.get("resolution") or {}), "archived_mpp": self.archived_mpp},
+            "glass_rgb": list(self.glass_rgb),
+            "encode_margin_px": (a.get("encoding") or {}).get("margin_px", 0),
             "tiles": {"tissue": tissue, "total": int(tiles.get("total", self.rows * self.cols)),
                       "rows": self.rows, "cols": self.cols},
             "latent_shape": list(self._latents.shape),

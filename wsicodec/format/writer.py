@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import zipfile
 from pathlib import Path
@@ -10,11 +11,12 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from wsicodec._io import commit, disk_bytes, partial_name, remove_path, remove_stale_partials
 from wsicodec.errors import ContainerError, OutputExistsError
 from wsicodec.format.container import Container
+from wsicodec.format.integrity import INTEGRITY_ARRAY, KeyStore, build_manifest, manifest_bytes
 from wsicodec.format.spec import (CHUNK_KEY_ENCODING, FORMAT_NAME, FORMAT_VERSION, RESOLUTION_KEYS, SHARD_TILES, SOURCE_KEYS, ZSTD_LEVEL)
 from wsicodec.format.spec import as_rgb, encode_image, plain, to_json, current_tool_version, utc_now
 from wsicodec.quant.quantizer import Quantizer
@@ -37,7 +39,8 @@ class ContainerWriter:
                  tissue: np.ndarray, background: np.ndarray | None = None, source: dict | None = None,
                  resolution: dict | None = None, associated: dict[str, np.ndarray] | None = None,
                  overwrite: bool = False, single_file: bool = False, tool_version: str | None = None,
-                 shard_tiles: int = SHARD_TILES):
+                 shard_tiles: int = SHARD_TILES, glass: tuple[int, int, int] | None = None,
+                 encode_margin_px: int | None = None, encoding: dict[str, Any] | None = None):
         self.out_path = Path(out_path)
         self.overwrite = overwrite
         self.single_file = single_file
@@ -85,6 +88,12 @@ class ContainerWriter:
         self.tool_version = tool_version or current_tool_version()
         self.created = utc_now()
         self.shard_tiles = int(shard_tiles)
+        self.glass = None if glass is None else [int(v) for v in glass]
+        # how the tiles were chosen and encoded (informative; batch runs compare it to skip finished slides)
+        self.encoding = plain({**(encoding or {}),
+                               **({"margin_px": int(encode_margin_px)} if encode_margin_px is not None else {})})
+        # a reader that holds a container open checks this to notice the container being replaced under it
+        self.write_id = secrets.token_hex(16)
 
         # shards: which tissue tiles each still waits for; buffers hold only tissue tiles
         s = self.shard_tiles
@@ -113,10 +122,11 @@ class ContainerWriter:
         self._root = zarr.open_group(store, mode="w", zarr_format=3,
                                      attributes={FORMAT_NAME: self._attrs(complete=False)})
         c, tl, s = self.channels, self.tl, self.shard_tiles
-        zstd = ZstdCodec(level=ZSTD_LEVEL)
+        # crc32c last in every chain: any Zarr v3 reader then checks each chunk it reads
         self._latents = self._root.create_array(
             "latents", shape=(c, self.rows * tl, self.cols * tl), dtype=self.dtype,
-            chunks=(c, tl, tl), shards=(c, s * tl, s * tl), compressors=zstd, fill_value=0,
+            chunks=(c, tl, tl), shards=(c, s * tl, s * tl),
+            compressors=[ZstdCodec(level=ZSTD_LEVEL), Crc32cCodec()], fill_value=0,
             chunk_key_encoding=CHUNK_KEY_ENCODING, dimension_names=["channel", "y", "x"],
             config={"write_empty_chunks": False},
         )
@@ -130,14 +140,14 @@ class ContainerWriter:
                 blob, attrs = encode_image(name, as_rgb(name, img))
                 # already compressed by its image codec: stored as it is, one chunk
                 a = grp.create_array(name, shape=blob.shape, dtype="uint8", chunks=blob.shape,
-                                     compressors=None, fill_value=0, chunk_key_encoding=CHUNK_KEY_ENCODING,
+                                     compressors=[Crc32cCodec()], fill_value=0, chunk_key_encoding=CHUNK_KEY_ENCODING,
                                      dimension_names=["byte"], attributes=attrs,
                                      config={"write_empty_chunks": True})
                 a[...] = blob
 
     def _small_array(self, name: str, data: np.ndarray, dims: list[str]) -> None:
         a = self._root.create_array(name, shape=data.shape, dtype=data.dtype, chunks=data.shape,
-                                    compressors=ZstdCodec(level=ZSTD_LEVEL), fill_value=0,
+                                    compressors=[ZstdCodec(level=ZSTD_LEVEL), Crc32cCodec()], fill_value=0,
                                     chunk_key_encoding=CHUNK_KEY_ENCODING, dimension_names=dims,
                                     config={"write_empty_chunks": True})
         a[...] = data
@@ -162,6 +172,9 @@ class ContainerWriter:
                 "zero_shards": self._zero_shards,
             },
             "tiles": {"tissue": int(self.tissue.sum()), "total": self.rows * self.cols},
+            "integrity": {"array": INTEGRITY_ARRAY, "algorithm": "sha256", "write_id": self.write_id},
+            **({"glass": {"rgb": self.glass}} if self.glass is not None else {}),
+            **({"encoding": self.encoding} if self.encoding else {}),
         })
 
     # -------------------------------------------------------------------------- writing
@@ -218,9 +231,16 @@ class ContainerWriter:
                 self._flush_shard(key)
             # "complete": true goes in last: a store without it was interrupted
             self._root.attrs.put({FORMAT_NAME: self._attrs(complete=True)})
+            self._write_manifest()
             if self.single_file:
                 _pack_zip(self._tmp_dir, self._tmp)
                 shutil.rmtree(self._tmp_dir)
+            # read back what landed on disk before it may take the output's name
+            with Container.open(self._tmp) as written:
+                problems = written.verify()
+            if problems:
+                raise ContainerError(f"the container just written does not verify ({problems[0].line()}); "
+                                     "nothing was written")
             commit(self._tmp, self.out_path, overwrite=self.overwrite)
         except BaseException:
             self.abort()
@@ -228,6 +248,17 @@ class ContainerWriter:
         self.closed = True
         self.bytes_written = disk_bytes(self.out_path)
         return self.bytes_written
+
+    def _write_manifest(self) -> None:
+        """Seal every key written so far (root attributes included) in the "integrity" array."""
+        store = KeyStore.for_path(self._tmp_dir)
+        blob = np.frombuffer(manifest_bytes(build_manifest(store, self.write_id)), dtype=np.uint8)
+        a = self._root.create_array(INTEGRITY_ARRAY, shape=blob.shape, dtype="uint8", chunks=blob.shape,
+                                    compressors=[Crc32cCodec()], fill_value=0,
+                                    chunk_key_encoding=CHUNK_KEY_ENCODING, dimension_names=["byte"],
+                                    attributes={"media_type": "application/json"},
+                                    config={"write_empty_chunks": True})
+        a[...] = blob
 
     def abort(self) -> None:
         """Remove everything written so far; out_path is left as it was."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,15 @@ import numpy as np
 from wsicodec._io import atomic_output
 from wsicodec._progress import progress_bar
 from wsicodec.errors import OutputExistsError, WsicodecError
+from wsicodec.format.spec import ZIP_MAGIC
 from wsicodec.pipeline.tiff import COMPRESSIONS, AperioInfo, write_aperio_pyramid
-from wsicodec.pipeline.decoder import HALO, Pyramid, TileDecoder, load_decoder_model, open_container, prefetch
+from wsicodec.pipeline.decoder import Pyramid, TileDecoder, load_decoder_model, open_container, prefetch
 
 def _aperio_info(container) -> AperioInfo:
     grid = container.grid
-    mpp = float(grid.target_mpp)
+    # the archived pixels' own size (a source within 2 % of the target is archived 1:1 and keeps its size);
+    # the magnification stays the nominal one asked for
+    mpp = float(getattr(container, "archived_mpp", grid.target_mpp))
     extra: dict[str, str] = {}
     attrs = getattr(container, "attrs", {}) or {}
     source = attrs.get("source") or {}
@@ -35,10 +39,46 @@ def _aperio_info(container) -> AperioInfo:
     if model.get("id"):
         extra["WsicodecModel"] = str(model["id"])
     # the archive's magnification follows from its resolution (10 µm/px is 1x)
-    return AperioInfo(mpp=mpp, app_mag=round(10.0 / mpp, 2), extra=extra)
+    return AperioInfo(mpp=mpp, app_mag=round(10.0 / float(grid.target_mpp), 2), extra=extra)
+
+
+def _is_container(path: Path) -> bool:
+    """A .pzarr store, folder or zip (damaged ones included): never a restore's output."""
+    if path.suffix.lower() == ".pzarr" and path.exists():
+        return True
+    if path.is_dir():
+        return (path / "zarr.json").is_file()
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) not in ZIP_MAGIC:
+                return False
+        with zipfile.ZipFile(path) as zf:
+            return "zarr.json" in zf.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _check_not_input(container_path: str | os.PathLike, out_path: Path) -> None:
+    """Refuse outputs that would replace or write into the container being read."""
+    src, dst = Path(container_path).resolve(), out_path.resolve()
+    try:
+        same = dst == src or (src.exists() and dst.exists() and os.path.samefile(src, dst))
+    except OSError:
+        same = dst == src
+    if same:
+        raise WsicodecError(f"output {out_path} is the input container; choose another output path")
+    if src.is_dir() and dst.is_relative_to(src):
+        raise WsicodecError(f"output {out_path} is inside the input container {container_path}; "
+                            "choose a path outside it")
 
 
 def _check_output(out_path: Path, overwrite: bool) -> None:
+    if _is_container(out_path):
+        raise OutputExistsError(f"{out_path} is a .pzarr container; restore never replaces one, "
+                                "even with --overwrite")
+    if out_path.is_dir():
+        # commit() would set the folder aside and delete it: a restore only ever replaces a file
+        raise OutputExistsError(f"{out_path} is a folder; restore writes a file and never replaces a folder")
     if out_path.exists() and not overwrite:
         raise OutputExistsError(f"{out_path} exists; pass --overwrite to replace it")
     if not out_path.parent.is_dir():
@@ -97,7 +137,8 @@ def restore(
     force: bool = False,
     overwrite: bool = False,
     progress: bool = True,
-    halo: int = HALO,
+    halo: int | None = None,
+    blend: int | None = None,
     _model_obj=None,
 ) -> RestoreResult:
     """Restore a pyramidal Aperio-layout BigTIFF from a .pzarr container."""
@@ -106,16 +147,15 @@ def restore(
         raise WsicodecError(f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)}")
     if not 1 <= int(quality) <= 100:
         raise WsicodecError(f"--quality must be between 1 and 100, got {quality}")
+    _check_not_input(container_path, out_path)
     _check_output(out_path, overwrite)
     t0 = time.perf_counter()
     container = open_container(container_path)
     net = _model_obj if _model_obj is not None else load_decoder_model(container, model, device, force)
-    decoder = TileDecoder(container, net, halo=halo, cache_tiles=0, batch_size=batch_size)
+    decoder = TileDecoder(container, net, halo=halo, cache_tiles=0, batch_size=batch_size, blend=blend)
     grid = container.grid
-    try:
-        associated = container.associated_images() or {}
-    except Exception:  # associated images are a nicety; never fail a restore over them
-        associated = {}
+    # a damaged label or macro is damage like any other: refuse rather than restore without it
+    associated = container.associated_images() or {}
     total = decoder.rows * decoder.cols
     with _Progress(progress, total, "restoring level 0") as bar:
         dims = write_aperio_pyramid(
@@ -155,7 +195,8 @@ def restore_region(
     model: str | None = None,
     force: bool = False,
     overwrite: bool = False,
-    halo: int = HALO,
+    halo: int | None = None,
+    blend: int | None = None,
     _model_obj=None,
 ) -> np.ndarray:
     """Restore one region: (x, y) in level-0 pixels of the archived resolution, (w, h) in pixels of ``level``
@@ -169,10 +210,11 @@ def restore_region(
         raise WsicodecError(f"--level must be >= 0, got {level}")
     if out_path is not None:
         out_path = Path(out_path)
+        _check_not_input(container_path, out_path)
         _check_output(out_path, overwrite)
     container = open_container(container_path)
     net = _model_obj if _model_obj is not None else load_decoder_model(container, model, device, force)
-    pyr = Pyramid(TileDecoder(container, net, halo=halo, cache_tiles=1024, batch_size=batch_size))
+    pyr = Pyramid(TileDecoder(container, net, halo=halo, cache_tiles=1024, batch_size=batch_size, blend=blend))
     if level >= pyr.level_count:
         raise WsicodecError(f"level {level} does not exist (the pyramid has levels 0..{pyr.level_count - 1})")
     lw, lh = pyr.dimensions[level]

@@ -20,7 +20,7 @@ lossless TIFF and the on-demand reader agree pixel for pixel.
 from __future__ import annotations
 
 import os
-import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import tifffile
 
-from wsicodec._io import atomic_output
+from wsicodec._io import atomic_output, partial_name, remove_path, remove_stale_partials
 from wsicodec._version import __version__
 
 COMPRESSIONS = ("jpeg", "deflate", "lzw", "zstd")
@@ -190,6 +190,19 @@ def _codec_args(compression: str, quality: int) -> dict:
     return args
 
 
+@contextmanager
+def _levels_folder(out_path: Path) -> Iterator[Path]:
+    """A folder beside the output for the raw reduced levels, named as a partial so that a killed
+    run's folder is removed by the next run, like its partial TIFF."""
+    remove_stale_partials(out_path, "levels")
+    folder = partial_name(out_path, "levels")
+    folder.mkdir(mode=0o700)
+    try:
+        yield folder
+    finally:
+        remove_path(folder)
+
+
 def write_aperio_pyramid(
     out_path: str | os.PathLike,
     strips: Iterable[np.ndarray],
@@ -226,7 +239,7 @@ def write_aperio_pyramid(
 
     thumb = _ThumbAccumulator(width, height)
     with atomic_output(out_path, overwrite=overwrite) as tmp_out:
-        with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=f".{out_path.name}.levels-") as tmpdir:
+        with _levels_folder(out_path) as tmpdir:
             with tifffile.TiffWriter(tmp_out, bigtiff=True) as tw:
                 source: Iterable[np.ndarray] = strips
                 for level, (w, h) in enumerate(dims):
