@@ -1,13 +1,18 @@
 """The `wsicodec` command: thin — parse options, call the API, print.
 
-Every command runs inside :func:`_user_errors`, so a :class:`WsicodecError` becomes one
-``error: ...`` line on stderr and a non-zero exit, never a traceback.
+Every command runs inside :func:`_user_errors`, so a :class:`WsicodecError`, an OSError or damaged
+compressed data becomes one ``error: ...`` line on stderr and a non-zero exit, never a traceback;
+SIGTERM is handled like Ctrl-C (partials removed, ``error: interrupted``, exit 143; 130 for Ctrl-C).
 Each command's work is done by the module named after its stage; the functions here only translate options.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
+import zipfile
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -24,29 +29,61 @@ app = typer.Typer(
 )
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every atomic output on the way out removes its partial."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _os_error_line(exc: OSError) -> str:
+    names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
+    return ": ".join([*names, _one_line(exc.strerror or exc) or type(exc).__name__])
+
+
 @contextmanager
 def _user_errors():
+    # signal handlers can only be set from the main thread (CliRunner in a worker thread is not)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         yield
     except WsicodecError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(exc.exit_code)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         typer.secho("error: interrupted", fg=typer.colors.RED, err=True)
-        raise typer.Exit(130)
+        raise typer.Exit(143 if isinstance(exc, _Terminated) else 130)
+    except OSError as exc:  # disk full, permissions, a vanished file: the environment, not a bug
+        typer.secho(f"error: {_os_error_line(exc)}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+    except (zipfile.BadZipFile, zlib.error) as exc:
+        typer.secho(f"error: damaged compressed data: {_one_line(exc) or type(exc).__name__}",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 # ---------------------------------------------------------------- compress / info
 @app.command()
 def compress(
-    slide: Path = typer.Argument(..., help="Source slide: anything OpenSlide opens (.svs, .ndpi, .mrxs, DICOM, TIFF...)."),
-    out: Path = typer.Argument(..., help="Output container, e.g. slide.pzarr"),
+    paths: list[str] = typer.Argument(..., metavar="INPUT", help="A slide and its container (slide.svs slide.pzarr); or a batch: slides, folders (searched recursively; a folder of .dcm files is one DICOM slide) and .csv/.txt manifests, then the output folder (docs/batch.md)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Registry name or local model folder; default: the builtin model. See `wsicodec models`."),
     quant: Optional[str] = typer.Option(None, "--quant", help=f"{kinds_help()}; default: the model's recommended quantiser, else kmeans."),
     levels: Optional[int] = typer.Option(None, "--levels", min=2, max=256, help="Quantiser levels (<= 256; fewer levels, fewer bytes)."),
     mpp: float = typer.Option(0.5, "--mpp", help="Archive resolution in µm/px (0.5 = 20x)."),
     source_mpp: Optional[float] = typer.Option(None, "--source-mpp", help="The source's µm/px, for slides that don't record it (overrides the slide's own)."),
     all_tiles: bool = typer.Option(False, "--all-tiles", help="Encode background tiles too."),
+    tissue_threshold: float = typer.Option(0.001, "--tissue-threshold", min=0.0, max=0.999, help="A tile is glass (not stored) when at most this fraction of its pixels is tissue-like at the archived resolution; docs/compress.md has its measured cost in bytes."),
+    encode_margin: Optional[int] = typer.Option(None, "--encode-margin", min=0, help="Pixels of neighbouring context each tile is encoded with (rounded up to whole latent cells); default 32."),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, mps; default: CUDA, then MPS, then CPU."),
     workers: int = typer.Option(2, "--workers", "--read-workers", min=1, help="Threads reading the slide."),
@@ -54,20 +91,84 @@ def compress(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (only once the new one is complete)."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    allow_empty: bool = typer.Option(False, "--allow-empty", help="Archive a slide in which no tissue is found (otherwise refused)."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Batch: worker processes, each loading the model once; default one per GPU with CUDA, else 1."),
+    retries: int = typer.Option(0, "--retries", min=0, help="Batch: retry a slide's failures this many times (input errors are never retried)."),
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help="Batch: run each slide as a Ray task: 'local' (a private cluster on this machine), 'auto', or ray://HOST:10001. Needs pip install \"wsicodec[ray]\"."),
 ) -> None:
-    """Compress a slide into a .pzarr container."""
+    """Compress a slide into a .pzarr container, or a batch of slides into a folder (resumable)."""
     import json
 
+    from wsicodec.pipeline import batch
     from wsicodec.pipeline.compress import compress as run
 
+    if batch.is_batch(paths, "compress"):
+        with _user_errors():
+            options = batch.CompressOptions(
+                model=model, quant=quant, levels=levels, target_mpp=mpp, source_mpp=source_mpp, all_tiles=all_tiles,
+                tissue_threshold=tissue_threshold, encode_margin=encode_margin, batch_size=batch_size, device=device,
+                read_workers=workers, single_file=single_file, allow_empty=allow_empty, overwrite=overwrite)
+            result = batch.compress_batch(paths[:-1], paths[-1], options, jobs=jobs, retries=retries, ray=ray,
+                                          progress=not quiet and not json_out)
+        if json_out:
+            typer.echo(json.dumps(result.to_json(), indent=2, default=str))
+        else:
+            batch.print_summary(result)
+        raise typer.Exit(result.exit_code)
+    if len(paths) != 2:
+        typer.secho("error: give a slide and an output container (or slides/folders/manifests and an output "
+                    "folder)", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    slide, out = (Path(p) for p in paths)
     with _user_errors():
+        if ray is not None:
+            raise WsicodecError("--ray runs batches: give an output folder (OUT/) as the last argument")
         summary = run(slide, out, model=model, quant=quant, levels=levels, target_mpp=mpp, source_mpp=source_mpp,
                       all_tiles=all_tiles, batch_size=batch_size, device=device, read_workers=workers,
-                      overwrite=overwrite, single_file=single_file, progress=not quiet and not json_out)
+                      tissue_threshold=tissue_threshold, encode_margin=encode_margin, overwrite=overwrite, single_file=single_file,
+                      allow_empty=allow_empty, progress=not quiet and not json_out)
     if json_out:
         typer.echo(json.dumps(summary.to_json(), indent=2))
     else:
         typer.echo(summary.line())
+
+
+@app.command()
+def verify(
+    paths: list[Path] = typer.Argument(..., help="Containers, or folders to search for them."),
+    decode: bool = typer.Option(False, "--decode", help="Also decode every tile with the container's model."),
+    source: Optional[Path] = typer.Option(None, "--source", help="Re-hash this source slide against the recorded SHA-256 (one container)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Decode with this model folder instead of the recorded one (same decoder hash)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Device for --decode."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON report per container."),
+) -> None:
+    """Check containers: structure, completeness and every checksum. Exit 0 only if all are intact."""
+    import json
+
+    from wsicodec.pipeline.verify import verify_container
+    from wsicodec.stats.report import find_containers
+
+    with _user_errors():
+        found, skipped = find_containers(paths)
+        if source is not None and len(found) != 1:
+            raise WsicodecError("--source checks one container against one slide; name exactly one container")
+        reports = [verify_container(p, decode=decode, source=source, model=model, device=device) for p in found]
+    bad = [r for r in reports if not r.ok]
+    if json_out:
+        typer.echo(json.dumps([r.to_json() for r in reports] + [{"path": s.path, "ok": False, "problems": [
+            {"where": "path", "what": s.reason}]} for s in skipped], indent=2))
+    else:
+        for r in reports:
+            if r.ok:
+                how = "every byte checked" if r.checksummed else "structure only: format 1.0 has no checksums"
+                extra = f", {r.tiles_decoded} tiles decoded" if decode else ""
+                typer.echo(f"ok: {r.path} ({how}{extra})")
+            for p in r.problems:
+                typer.echo(f"damaged: {r.path}: {p.line()}")
+        for s in skipped:
+            typer.echo(f"error: {s.path}: {s.reason}")
+    if bad or skipped or not reports:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -81,11 +182,20 @@ def info(
     from wsicodec.format.container import Container
 
     with _user_errors():
-        description = Container.open(container).describe()
+        with Container.open(container) as c:
+            description = c.describe()
+            problems = c.verify()
+    description["integrity"] = {
+        "status": "damaged" if problems else ("intact" if description["format_version"] >= "1.1"
+                                              else "unchecked (format 1.0 has no checksums)"),
+        "problems": [p.line() for p in problems],
+    }
     if json_out:
         typer.echo(json.dumps(description, indent=2))
-        return
-    _print_tree(description)
+    else:
+        _print_tree(description)
+    if problems:
+        raise typer.Exit(1)
 
 
 def _print_tree(description: dict) -> None:
@@ -135,8 +245,7 @@ def models_(json_out: bool = typer.Option(False, "--json")) -> None:
 # ---------------------------------------------------------------- restore
 @app.command()
 def restore(
-    container: Path = typer.Argument(..., help="A .pzarr container."),
-    out: Path = typer.Argument(..., help="Output: a pyramidal .tiff/.svs, or with --region any image (.png, .tif, .jpg)."),
+    paths: list[str] = typer.Argument(..., metavar="CONTAINER", help="A .pzarr container and the output: a pyramidal .tiff/.svs, or with --region any image (.png, .tif, .jpg); or a batch: containers or folders of them, then the output folder (docs/batch.md)."),
     region: Optional[tuple[int, int, int, int]] = typer.Option(
         None, "--region", metavar="X Y W H",
         help="Restore only this region: X Y in level-0 pixels of the archived resolution, W H in pixels of --level."),
@@ -149,13 +258,37 @@ def restore(
     force: bool = typer.Option(False, "--force", help="Decode even if the decoder weights differ from the container's record."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (only once the new one is complete)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Batch: worker processes, each loading the model once; default one per GPU with CUDA, else 1."),
+    retries: int = typer.Option(0, "--retries", min=0, help="Batch: retry a container's failures this many times (input errors are never retried)."),
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help="Batch: run each container as a Ray task: 'local', 'auto' or ray://HOST:10001."),
+    suffix: str = typer.Option(".tiff", "--suffix", help="Batch: the outputs' suffix, OUT/<name><suffix> (.tiff or .svs)."),
 ) -> None:
-    """Restore a viewable pyramidal TIFF (or a region) from a .pzarr container."""
+    """Restore a viewable pyramidal TIFF (or a region) from a .pzarr container, or a batch into a folder."""
     # the package's own `restore` function shadows the module name: import the functions
+    from wsicodec.pipeline import batch
     from wsicodec.pipeline.restore import restore as _restore_tiff
     from wsicodec.pipeline.restore import restore_region as _restore_region
 
+    if batch.is_batch(paths, "restore"):
+        with _user_errors():
+            if region is not None:
+                raise WsicodecError("--region restores one region of one container; not in a batch")
+            if suffix.lower() not in (".tiff", ".tif", ".svs"):
+                raise WsicodecError(f"--suffix must be .tiff, .tif or .svs, got {suffix!r}")
+            options = batch.RestoreOptions(compression=compression, quality=quality, model=model, device=device,
+                                           batch_size=batch_size, force=force, overwrite=overwrite, suffix=suffix)
+            result = batch.restore_batch(paths[:-1], paths[-1], options, jobs=jobs, retries=retries, ray=ray,
+                                         progress=not quiet)
+        batch.print_summary(result)
+        raise typer.Exit(result.exit_code)
+    if len(paths) != 2:
+        typer.secho("error: give a container and an output (or containers/folders and an output folder)",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    container, out = (Path(p) for p in paths)
     with _user_errors():
+        if ray is not None:
+            raise WsicodecError("--ray runs batches: give an output folder (OUT/) as the last argument")
         if region is not None:
             x, y, w, h = region
             _restore_region(container, out, x, y, w, h, level=level, device=device, batch_size=batch_size,
@@ -188,6 +321,7 @@ def stats(
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON (schema: docs/stats-schema.json)."),
     csv_out: bool = typer.Option(False, "--csv", help="Print the report as CSV, one line per slide and a TOTAL line."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw per-slide size now vs after into this PNG."),
+    verify_all: bool = typer.Option(False, "--verify", help="Check every byte of each container (reads them whole); without it, what opening checks: metadata, small arrays, every key present."),
 ) -> None:
     """Report what compressing saved (containers) or will save (--estimate), with yearly storage cost.
 
@@ -209,7 +343,7 @@ def stats(
                                  device=device, single_file=single_file, price_per_tb_month=price,
                                  progress=not quiet)
         else:
-            report = st.container_stats(paths, price_per_tb_month=price, progress=not quiet)
+            report = st.container_stats(paths, price_per_tb_month=price, progress=not quiet, verify=verify_all)
         if plot is not None and report.rows:
             st.plot(report, plot)
     if json_out:

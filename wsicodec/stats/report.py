@@ -126,6 +126,7 @@ class StatsReport:
     price_per_tb_month: float = DEFAULT_PRICE_PER_TB_MONTH
     settings: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    runs: dict[str, Any] | None = None  # what the folders' batch run logs say (run_log_summary), if any
 
     @property
     def exit_code(self) -> int:
@@ -158,7 +159,7 @@ class StatsReport:
         return totals
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc = {
             "schema": "wsicodec-stats",
             "schema_version": SCHEMA_VERSION,
             "mode": self.mode,
@@ -172,6 +173,9 @@ class StatsReport:
             "skipped": [asdict(s) for s in self.skipped],
             "totals": self.totals(),
         }
+        if self.runs is not None:
+            doc["runs"] = self.runs
+        return doc
 
     def to_csv(self) -> str:
         """One line per slide (skipped ones with their reason), then a TOTAL line."""
@@ -310,10 +314,15 @@ def _reason(exc: BaseException) -> str:
 
 
 # ------------------------------------------------------------------------------ containers
-def describe_container(path: Path) -> ContainerRow:
+def describe_container(path: Path, verify: bool = False) -> ContainerRow:
+    """One row; a container damaged in what opening checks (or, with ``verify``, in any byte) raises."""
+    from wsicodec.errors import ContainerError
     from wsicodec.format.container import Container
 
     with Container.open(path) as container:
+        if verify and (problems := container.verify()):
+            raise ContainerError(f"damaged: {problems[0].line()}"
+                                 + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
         d = container.describe()
     source = d.get("source") or {}
     tiles = d.get("tiles") or {}
@@ -333,7 +342,7 @@ def describe_container(path: Path) -> ContainerRow:
 
 
 def container_stats(paths: Sequence[os.PathLike | str], *, price_per_tb_month: float = DEFAULT_PRICE_PER_TB_MONTH,
-                    progress: bool = False) -> StatsReport:
+                    progress: bool = False, verify: bool = False) -> StatsReport:
     started = time.perf_counter()
     found, skipped = find_containers(paths)
     if not found and not skipped:
@@ -344,12 +353,63 @@ def container_stats(paths: Sequence[os.PathLike | str], *, price_per_tb_month: f
         for path in found:
             prog.update(task, description=path.name)
             try:
-                rows.append(describe_container(path))
+                rows.append(describe_container(path, verify=verify))
             except Exception as exc:  # one bad container must not hide the others
                 skipped.append(Skipped(str(path), _reason(exc)))
             prog.advance(task)
     return StatsReport("containers", rows, skipped, price_per_tb_month=price_per_tb_month,
-                       seconds=time.perf_counter() - started)
+                       seconds=time.perf_counter() - started, runs=run_log_summary(paths))
+
+
+# --------------------------------------------------------------------------- batch run logs
+def run_log_summary(paths: Sequence[os.PathLike | str]) -> dict[str, Any] | None:
+    """What the batch run logs of the folders named (``<folder>/wsicodec-runs.jsonl``, written by
+    ``wsicodec compress INPUT... OUT_DIR``) say, or None when there are none: attempts by status, each
+    slide's latest status, and the slides whose latest attempt failed with the reason."""
+    from wsicodec.pipeline.batch import RUN_LOG_NAME, read_log
+
+    logs = [Path(p) / RUN_LOG_NAME for p in paths if Path(p).is_dir() and (Path(p) / RUN_LOG_NAME).is_file()]
+    if not logs:
+        return None
+    attempts = {"ok": 0, "skipped": 0, "failed": 0}
+    latest: dict[tuple[str, str], dict[str, Any]] = {}
+    runs: set[str] = set()
+    for log in logs:
+        for rec in read_log(log):
+            status = rec.get("status")
+            if rec.get("op", "compress") != "compress" or status not in attempts:
+                continue
+            attempts[status] += 1
+            if rec.get("run"):
+                runs.add(str(rec["run"]))
+            # the output's name within its folder: the same slide however the run was invoked
+            latest[(str(log), Path(str(rec.get("output") or rec.get("slide") or "?")).name)] = rec
+    slides = {"ok": 0, "skipped": 0, "failed": 0}
+    for rec in latest.values():
+        slides[rec["status"]] += 1
+    failed = [{"slide": str(r.get("slide") or ""), "output": str(r.get("output") or ""),
+               "reason": str(r.get("reason") or ""), "time": str(r.get("time") or "")}
+              for r in latest.values() if r["status"] == "failed"]
+    return {"logs": [str(p) for p in logs], "runs": len(runs), "attempts": attempts, "slides": slides,
+            "failed": failed}
+
+
+def print_runs(runs: dict[str, Any] | None, console) -> None:
+    """The run-log part of the terminal view: latest status per slide, attempts, failed slides' reasons."""
+    if not runs:
+        return
+    from rich.table import Table
+
+    table = Table(title=f"batch runs ({runs['runs']} runs in {', '.join(runs['logs'])})", header_style="bold")
+    table.add_column("status")
+    table.add_column("slides (latest attempt)", justify="right")
+    table.add_column("attempts", justify="right")
+    for status in ("ok", "skipped", "failed"):
+        table.add_row(status, str(runs["slides"][status]), str(runs["attempts"][status]),
+                      style="red" if status == "failed" and runs["slides"][status] else None)
+    console.print(table)
+    for f in runs["failed"]:
+        console.print(f"[red]failed[/] {f['slide'] or f['output']}: {f['reason']}", highlight=False, soft_wrap=True)
 
 
 # -------------------------------------------------------------------------------- estimate
@@ -403,14 +463,17 @@ def estimate_slide(slide_path: Path, autoencoder, *, quant: str | None = None, l
         slide = SourceSlide(slide_path, source_mpp=source_mpp)
     with slide:
         quantizer = cmp.choose_quantizer(autoencoder, quant, levels)
-        layout = cmp.plan(slide, target_mpp=target_mpp, tile_size=tile_size, all_tiles=all_tiles)
+        layout = cmp.plan(slide, target_mpp=target_mpp, tile_size=tile_size, all_tiles=all_tiles,
+                          workers=read_workers)
+        margin = cmp.encode_margin_px(autoencoder, None)
         # compress's own fit: a seeded random sample of tissue tiles, encoded, fitted on, returned
         latents = cmp.fit_quantizer(quantizer, autoencoder, slide, layout.grid, layout.coords,
-                                    sample_tiles=sample, seed=seed, batch_size=batch_size, workers=read_workers)
+                                    sample_tiles=sample, seed=seed, batch_size=batch_size, workers=read_workers,
+                                    margin=margin, fill=layout.glass)
         coords = list(latents)
         stored = quantizer.quantize(_stack([latents[c] for c in coords])) if coords else []
         tile_bytes = [int(stored_tile_bytes(s)) for s in stored]
-        background = quantizer.quantize(cmp.white_tile_latents(autoencoder, tile_size))[0]
+        background = quantizer.quantize(cmp.glass_tile_latents(autoencoder, tile_size, layout.glass, margin))[0]
 
         # Everything but the tiles (attributes, properties, associated images, codebook, background) is
         # measured by writing a real container that holds just the sampled tiles (the writer insists that
@@ -560,6 +623,7 @@ def print_table(report: StatsReport, console=None) -> None:
         console.print("nothing to report: no input could be read")
         for skip in report.skipped:
             console.print(f"[yellow]skipped[/] {skip.path}: {skip.reason}", highlight=False, soft_wrap=True)
+        print_runs(report.runs, console)
         return
     labels = {f"{r.model} / {_quant_label(r.quantizer)}" for r in report.rows}
     shared_label = labels.pop() if len(labels) == 1 else None
@@ -610,6 +674,7 @@ def print_table(report: StatsReport, console=None) -> None:
                   highlight=False)
     for skip in report.skipped:
         console.print(f"[yellow]skipped[/] {skip.path}: {skip.reason}", highlight=False, soft_wrap=True)
+    print_runs(report.runs, console)
 
 
 def plot(report: StatsReport, out_path: os.PathLike | str) -> Path:
