@@ -252,6 +252,7 @@ def restore(
     level: int = typer.Option(0, "--level", min=0, help="With --region: pyramid level N, a 2**N downsample."),
     quality: int = typer.Option(90, "--quality", min=1, max=100, help="JPEG quality of the TIFF tiles."),
     compression: str = typer.Option("jpeg", "--compression", help="TIFF tiles: jpeg | deflate | lzw | zstd (the last three lossless)."),
+    fmt: str = typer.Option("tiff", "--format", help="tiff: a pyramidal BigTIFF; dicom: OUT is a folder of DICOM WSI files, one per level plus label/overview, JPEG tiles (docs/dicom.md)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Decoder to use instead of the one the container records (registry name or folder)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, mps; default: CUDA, then MPS, then CPU."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Tiles decoded per batch."),
@@ -269,10 +270,13 @@ def restore(
     from wsicodec.pipeline.restore import restore as _restore_tiff
     from wsicodec.pipeline.restore import restore_region as _restore_region
 
-    if batch.is_batch(paths, "restore"):
+    # `restore X.pzarr OUT --format dicom`: OUT is the DICOM folder (existing or not, trailing / or not), not a batch
+    if not (fmt == "dicom" and len(paths) == 2) and batch.is_batch(paths, "restore"):
         with _user_errors():
             if region is not None:
                 raise WsicodecError("--region restores one region of one container; not in a batch")
+            if fmt != "tiff":
+                raise WsicodecError("--format dicom restores one container; not in a batch (yet)")
             if suffix.lower() not in (".tiff", ".tif", ".svs"):
                 raise WsicodecError(f"--suffix must be .tiff, .tif or .svs, got {suffix!r}")
             options = batch.RestoreOptions(compression=compression, quality=quality, model=model, device=device,
@@ -289,6 +293,12 @@ def restore(
     with _user_errors():
         if ray is not None:
             raise WsicodecError("--ray runs batches: give an output folder (OUT/) as the last argument")
+        if fmt not in ("tiff", "dicom"):
+            raise WsicodecError(f"--format must be tiff or dicom, got {fmt!r}")
+        if fmt == "dicom" and region is not None:
+            raise WsicodecError("--format dicom restores the whole slide; --region writes one image, not DICOM")
+        if fmt == "dicom" and compression != "jpeg":
+            raise WsicodecError("--format dicom writes JPEG baseline tiles; --compression applies to TIFF only")
         if region is not None:
             x, y, w, h = region
             _restore_region(container, out, x, y, w, h, level=level, device=device, batch_size=batch_size,
@@ -297,7 +307,7 @@ def restore(
             return
         summary = _restore_tiff(container, out, compression=compression, quality=quality, device=device,
                                 batch_size=batch_size, model=model, force=force, overwrite=overwrite,
-                                progress=not quiet)
+                                progress=not quiet, format=fmt)
     typer.echo(summary.line())
 
 
@@ -510,6 +520,37 @@ def train(
         )
         folder = run_training(cfg)
         typer.echo(f"model folder: {folder}  (use --model {folder})")
+
+
+# ---------------------------------------------------------------- serve
+@app.command()
+def serve(
+    paths: list[Path] = typer.Argument(..., metavar="PATH", help="Containers, or folders searched recursively for them; each is served under its file name without .pzarr."),
+    source: Optional[Path] = typer.Option(None, "--source", help="The original slide of a single container: adds a synchronised side-by-side view and an error heat-map."),
+    source_dir: Optional[Path] = typer.Option(None, "--source-dir", help="Folder holding the originals, matched by the file name each container records."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; the default serves this machine only."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Decode with this model instead of the one each container records."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, mps; default: CUDA, then MPS, then CPU."),
+    workers: int = typer.Option(4, "--workers", min=1, help="Threads decoding and encoding tiles."),
+    cache_tiles: int = typer.Option(1024, "--cache-tiles", min=0, help="Encoded tiles kept in memory (LRU)."),
+) -> None:
+    """Serve containers in a web viewer (OpenSeadragon, DeepZoom URLs). Needs pip install "wsicodec[viewer]"."""
+    with _user_errors():
+        try:
+            import uvicorn
+
+            from wsicodec.viewer.server import build_app, load_slides
+        except ImportError as exc:
+            raise WsicodecError(f"serve needs the viewer extra ({exc.name} is missing): "
+                                f'pip install "wsicodec[viewer]"') from None
+        entries = load_slides(paths, source=source, source_dir=source_dir, model=model, device=device)
+        app_ = build_app(entries, workers=workers, cache_tiles=cache_tiles)
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            typer.secho(f"warning: serving on {host}: anyone who can reach it can read these slides",
+                        fg=typer.colors.YELLOW, err=True)
+        typer.echo(f"serving {len(entries)} slide(s) on http://{host}:{port}/ (Ctrl-C stops)")
+        uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
 if __name__ == "__main__":  # pragma: no cover

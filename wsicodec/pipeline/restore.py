@@ -1,6 +1,7 @@
-"""Restore: a container -> a pyramidal Aperio-layout BigTIFF, or one region as an image file.
+"""Restore: a container -> a pyramidal Aperio-layout BigTIFF (or a DICOM WSI folder), or one region as an image file.
 
     restore(container_path, out_path, ...) -> RestoreResult          # the pyramidal BigTIFF
+    restore(container_path, out_dir, format="dicom", ...)            # a DICOM WSI folder (docs/dicom.md)
     restore_region(container_path, out_path, x, y, w, h, level=0, ...)   # one region as PNG/TIFF/...
 """
 
@@ -21,6 +22,8 @@ from wsicodec.errors import OutputExistsError, WsicodecError
 from wsicodec.format.spec import ZIP_MAGIC
 from wsicodec.pipeline.tiff import COMPRESSIONS, AperioInfo, write_aperio_pyramid
 from wsicodec.pipeline.decoder import Pyramid, TileDecoder, load_decoder_model, open_container, prefetch
+
+RESTORE_FORMATS = ("tiff", "dicom")
 
 def _aperio_info(container) -> AperioInfo:
     grid = container.grid
@@ -139,10 +142,18 @@ def restore(
     progress: bool = True,
     halo: int | None = None,
     blend: int | None = None,
+    format: str = "tiff",
     _model_obj=None,
 ) -> RestoreResult:
-    """Restore a pyramidal Aperio-layout BigTIFF from a .pzarr container."""
+    """Restore a pyramidal Aperio-layout BigTIFF from a .pzarr container; with ``format="dicom"`` a DICOM
+    WSI folder instead (one instance per level, plus label/overview; docs/dicom.md)."""
     out_path = Path(out_path)
+    if format not in RESTORE_FORMATS:
+        raise WsicodecError(f"unknown format {format!r}; choose one of {', '.join(RESTORE_FORMATS)}")
+    if format == "dicom":
+        return _restore_dicom(container_path, out_path, quality=quality, device=device, batch_size=batch_size,
+                              model=model, force=force, overwrite=overwrite, progress=progress, halo=halo,
+                              blend=blend, _model_obj=_model_obj)
     if compression not in COMPRESSIONS:
         raise WsicodecError(f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)}")
     if not 1 <= int(quality) <= 100:
@@ -178,6 +189,62 @@ def restore(
         decoded_tiles=decoder.decoded,
         seconds=time.perf_counter() - t0,
         bytes=out_path.stat().st_size,
+    )
+
+
+def _check_dicom_output(container_path: str | os.PathLike, out_path: Path, overwrite: bool) -> None:
+    """A DICOM restore writes a folder: refuse a container, an existing output without --overwrite, a file."""
+    _check_not_input(container_path, out_path)
+    if _is_container(out_path):
+        raise OutputExistsError(f"{out_path} is a .pzarr container; restore never replaces one, "
+                                "even with --overwrite")
+    if out_path.exists() and not overwrite:
+        raise OutputExistsError(f"{out_path} exists; pass --overwrite to replace it")
+    if out_path.exists() and not out_path.is_dir():
+        raise OutputExistsError(f"{out_path} is a file; a DICOM restore writes a folder and never replaces a file")
+    if out_path.is_dir() and any(p.name != "DICOMDIR" and p.suffix.lower() != ".dcm" for p in out_path.iterdir()):
+        # --overwrite replaces the whole folder: only ever one that holds DICOM files alone
+        raise OutputExistsError(f"{out_path} holds files other than .dcm; --overwrite replaces only a DICOM folder")
+    if not out_path.parent.is_dir():
+        raise WsicodecError(f"output folder does not exist: {out_path.parent}")
+
+
+def _restore_dicom(container_path, out_path: Path, *, quality: int, device, batch_size: int, model, force: bool,
+                   overwrite: bool, progress: bool, halo, blend, _model_obj) -> RestoreResult:
+    from wsicodec._io import disk_bytes
+    from wsicodec.pipeline.dicom import _pydicom, dicom_info, write_dicom_wsi
+
+    if not 1 <= int(quality) <= 100:
+        raise WsicodecError(f"--quality must be between 1 and 100, got {quality}")
+    _pydicom()  # fail before decoding anything when pydicom is missing
+    _check_dicom_output(container_path, out_path, overwrite)
+    t0 = time.perf_counter()
+    container = open_container(container_path)
+    net = _model_obj if _model_obj is not None else load_decoder_model(container, model, device, force)
+    decoder = TileDecoder(container, net, halo=halo, cache_tiles=0, batch_size=batch_size, blend=blend)
+    grid = container.grid
+    associated = container.associated_images() or {}
+    total = decoder.rows * decoder.cols
+    with _Progress(progress, total, "restoring level 0") as bar:
+        dims = write_dicom_wsi(
+            out_path,
+            prefetch(decoder.strips(on_tiles=bar.advance)),
+            int(grid.width),
+            int(grid.height),
+            dicom_info(container),
+            tile_size=decoder.tile_size,
+            associated=associated,
+            quality=quality,
+            on_level=lambda level, wh: bar.describe(f"wrote level {level} ({wh[0]}x{wh[1]})"),
+            overwrite=overwrite,
+        )
+    return RestoreResult(
+        output=str(out_path),
+        levels=tuple((int(w), int(h)) for w, h in dims),
+        tiles=total,
+        decoded_tiles=decoder.decoded,
+        seconds=time.perf_counter() - t0,
+        bytes=disk_bytes(out_path),
     )
 
 
