@@ -116,14 +116,26 @@ def test_cmu1_fidelity_against_source(cmu1, cmu1_path):
 
 
 @pytest.mark.slow
-def test_cmu1_no_seams(cmu1):
+def test_cmu1_no_seams(cmu1, cmu1_path):
+    """The codec adds no tile borders: the restored image's border/interior neighbour-difference ratio stays
+    below the source's own at the same grid (CMU-1's JPEG blocks already make its borders stand out), and
+    the error image barely jumps at tile borders (whole-image coding with TAEF2 measures 1.24 here; the
+    tiled restore with 0.1's settings measured 1.74)."""
     from wsicodec.format.container import Container
+    from wsicodec.quality import error_seam_ratio
+    from wsicodec.source.slide import SourceSlide
 
     c = Container.open(cmu1["container"])
+    g = c.grid
     level0 = tiff_levels(cmu1["tiff"])[0]
-    ratio = seam_ratio(level0, c.grid.tile_size, c.tissue)
-    print(f"\nCMU-1 TAEF2 seam ratio (border / interior neighbour difference): {ratio:.3f}")
-    assert ratio <= 1.1
+    with SourceSlide(cmu1_path) as s:
+        source = s._read_area(g.level, (g.origin_x, g.origin_y), g.scale, (0, 0, g.width, g.height))
+    ratio = seam_ratio(level0, g.tile_size, c.tissue)
+    own = seam_ratio(source, g.tile_size, c.tissue)
+    err = error_seam_ratio(level0, source, g.tile_size, c.tissue)
+    print(f"\nCMU-1 TAEF2 seam ratio {ratio:.3f} (source's own {own:.3f}), error seam ratio {err:.3f}")
+    assert ratio <= own
+    assert err <= 1.30
 
 
 @pytest.mark.slow
