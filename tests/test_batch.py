@@ -155,6 +155,7 @@ def test_log_lines_stay_whole_under_concurrent_appends(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- compress, resume
+@pytest.mark.slow
 def test_batch_compress_resume_and_redo(slide_dir, options, tmp_path):
     had_ray = "ray" in sys.modules
     bad = tmp_path / "broken.svs"
@@ -285,6 +286,7 @@ def test_without_ray_one_line_says_how_to_install_it(slide_dir, tmp_path, monkey
 
 
 # ------------------------------------------------------------------------------------- processes
+@pytest.mark.slow
 def test_jobs_2_survives_a_worker_that_dies(slide_dir, options, tmp_path, monkeypatch):
     marker = tmp_path / "crashed-once"
     monkeypatch.setenv(CRASH_ENV, f"b={marker}")
@@ -301,6 +303,7 @@ def test_jobs_2_survives_a_worker_that_dies(slide_dir, options, tmp_path, monkey
     assert _names(tmp_path / "out") == ["a.pzarr", "b.pzarr", "c.pzarr", RUN_LOG_NAME]
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_rerun_gives_the_same_containers(synthetic_slide_factory, options, tmp_path):
     slides = _copy_slides(synthetic_slide_factory, tmp_path / "slides", [f"s{i}.svs" for i in range(4)])
     out = tmp_path / "out"

@@ -46,6 +46,7 @@ def cmu_taef2(cmu1_path, taef2_dir, tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_cmu1_with_taef2_info_reports_what_the_issue_asks(cmu_taef2):
     out, result = cmu_taef2
     assert "tissue tiles" in result.stdout and "ratio" in result.stdout
@@ -90,6 +91,7 @@ def test_source_is_recorded(cmu_taef2, cmu1_path):
     assert source["properties"]["openslide.vendor"] == "aperio"
 
 
+@pytest.mark.slow
 def test_kmeans_beats_int8_on_latent_error(cmu1_path, taef2_dir):
     """The paper's point about the codebook, on real latents: K-means loses less than static 8-bit."""
     from wsicodec.pipeline.compress import choose_quantizer
@@ -121,6 +123,7 @@ def test_no_resolution_slide_needs_source_mpp(no_mpp_slide, tiny_model_dir, tmp_
     assert info["resolution"]["mpp_source"] == "--source-mpp"
 
 
+@pytest.mark.slow
 def test_tcga_frozen_section_without_resolution(shared_dir, tiny_model_dir, tmp_path):
     if shared_dir is None:
         pytest.skip("the TCGA frozen section lives only in ../shared (the synthetic no-mpp case runs everywhere)")
@@ -142,6 +145,7 @@ def test_all_tiles_encodes_background_too(synthetic_slide, tiny_model_dir, tmp_p
     assert Container.open(tmp_path / "b.pzarr").tissue.all()
 
 
+@pytest.mark.slow
 def test_quantizer_choices_store_their_dtype(synthetic_slide, tiny_model_dir, tmp_path):
     for kind, dtype in (("int8", np.uint8), ("none", np.float16), ("uniform", np.uint8)):
         out = tmp_path / f"{kind}.pzarr"

@@ -127,6 +127,7 @@ def test_no_tissue_is_dropped_on_the_synthetic_slide(synthetic_slide, tiny_model
     assert loss["lost_fraction"] <= 0.001 and loss["worst_tile"] <= 0.01, loss
 
 
+@pytest.mark.slow
 def test_no_tissue_is_dropped_on_tcga(tcga_no_mpp_path, tmp_path):
     out = tmp_path / "t.pzarr"
     wsicodec.compress(tcga_no_mpp_path, out, source_mpp=0.5)
@@ -135,6 +136,7 @@ def test_no_tissue_is_dropped_on_tcga(tcga_no_mpp_path, tmp_path):
     assert loss["lost_fraction"] <= 0.001 and loss["worst_tile"] <= 0.01, loss  # before: 0.11 %, 5.3 %
 
 
+@pytest.mark.slow
 def test_the_threshold_trades_bytes_for_tissue(cmu1_path, tmp_path):
     from wsicodec.testing.tiny import write_tiny_taesd
 

@@ -21,6 +21,7 @@ def small_slide(tmp_path_factory):
 
 
 @pytest.mark.parametrize("single_file", [False, True], ids=["directory", "zip"])
+@pytest.mark.slow
 def test_every_damaging_flip_is_refused(small_slide, tiny_model_dir, tmp_path, single_file):
     model = load_model(str(tiny_model_dir))
     path = tmp_path / "c.pzarr"

@@ -167,6 +167,7 @@ app(prog_name="wsicodec", args=sys.argv[1:])
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.slow
 def test_signal_removes_partials_and_exits(container, tmp_path, sig, code):
     out = tmp_path / "o.tiff"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}

@@ -67,6 +67,7 @@ def estimated(slides, tiny_model):
     return st.estimate([slides / "a.svs", slides / "b.svs"], model=tiny_model, sample=12)
 
 
+@pytest.mark.slow
 def test_estimate_lands_within_15_percent_of_the_container_compress_writes(estimated, slides, compressed):
     _, summaries = compressed
     report = estimated
@@ -203,6 +204,7 @@ def test_stats_on_existing_containers_totals_correctly(compressed, slides, estim
     assert plain.exit_code == 0 and "a.pzarr" in plain.stdout and "total" in plain.stdout
 
 
+@pytest.mark.slow
 def test_cmu1_estimate_within_15_percent_on_any_machine(cmu1_path, tiny_model, tmp_path):
     # a real Aperio slide with label, macro and thumbnail: the overhead the estimate measures is real
     real = compress(cmu1_path, tmp_path / "cmu.pzarr", model=tiny_model)
