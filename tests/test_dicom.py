@@ -160,6 +160,25 @@ def test_dicom_validator_when_the_standard_is_at_hand(case):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
+def test_dciodvfy_finds_no_errors(case):
+    """David Clunie's IOD verifier (Debian's dicom3tools; CI installs it) on every instance: no errors.
+    Its only warnings are the empty patient and study ids, which a DICOMDIR would need and we don't know."""
+    import shutil
+    import subprocess
+
+    tool = shutil.which("dciodvfy")
+    if tool is None:
+        pytest.skip("dciodvfy is not installed (apt-get install dicom3tools)")
+    files = sorted(Path(case["out"]).glob("*.dcm"))
+    assert len(files) >= 3
+    for f in files:
+        proc = subprocess.run([tool, "-new", str(f)], capture_output=True, text=True, timeout=120)
+        lines = (proc.stdout + proc.stderr).splitlines()
+        errors = [line for line in lines if line.startswith("Error")]
+        assert not errors, (f.name, errors)
+        assert "VLWholeSlideMicroscopyImage" in lines, (f.name, lines[:5])  # it checked the WSI IOD
+
+
 def _present(ds, keyword: str, *, nonempty: bool) -> bool:
     if keyword not in ds:
         return False

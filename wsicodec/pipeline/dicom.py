@@ -237,6 +237,9 @@ class _Series:
         ds.VolumetricProperties = "VOLUME"
         ds.SpecimenLabelInImage = "YES" if kind in ("LABEL", "OVERVIEW") else "NO"
         ds.BurnedInAnnotation = "YES" if kind == "LABEL" else "NO"
+        if kind == "LABEL":  # Slide Label module: type 2, present even when unknown
+            ds.LabelText = ""
+            ds.BarcodeValue = ""
         ds.FocusMethod = "AUTO"
         ds.ExtendedDepthOfField = "NO"
         ds.DimensionOrganizationType = "TILED_FULL"
@@ -256,12 +259,14 @@ class _Series:
 
         # Multi-frame Functional Groups (shared only: TILED_FULL needs no per-frame groups)
         shared = Dataset()
+        # the Pixel Measures macro is required for every image type; a label or overview has no known
+        # pixel size, so it carries the thickness alone (dciodvfy from Debian's dicom3tools accepts this)
+        measures = Dataset()
         if mm_per_px is not None:
-            measures = Dataset()
             measures.PixelSpacing = [_ds(mm_per_px[1]), _ds(mm_per_px[0])]  # row spacing (y), column spacing (x)
-            measures.SliceThickness = _ds(0.001)
-            measures.SpacingBetweenSlices = _ds(0.001)
-            shared.PixelMeasuresSequence = Sequence([measures])
+        measures.SliceThickness = _ds(0.001)
+        measures.SpacingBetweenSlices = _ds(0.001)
+        shared.PixelMeasuresSequence = Sequence([measures])
         frame_type = Dataset()
         frame_type.FrameType = image_type
         shared.WholeSlideMicroscopyImageFrameTypeSequence = Sequence([frame_type])
