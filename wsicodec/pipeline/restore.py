@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from wsicodec._io import atomic_output
+from wsicodec._io import atomic_output, disk_bytes
 from wsicodec._progress import progress_bar
 from wsicodec.errors import OutputExistsError, WsicodecError
 from wsicodec.format.spec import ZIP_MAGIC
@@ -160,35 +160,38 @@ def restore(
         raise WsicodecError(f"--quality must be between 1 and 100, got {quality}")
     _check_not_input(container_path, out_path)
     _check_output(out_path, overwrite)
+
+    def write(strips, container, tile_size, associated, on_level):
+        return write_aperio_pyramid(out_path, strips, int(container.grid.width), int(container.grid.height),
+                                    _aperio_info(container), tile_size=tile_size, associated=associated,
+                                    compression=compression, quality=quality, on_level=on_level,
+                                    overwrite=overwrite)
+
+    return _decode_and_write(container_path, out_path, write, device=device, batch_size=batch_size, model=model,
+                             force=force, progress=progress, halo=halo, blend=blend, _model_obj=_model_obj)
+
+
+def _decode_and_write(container_path, out_path: Path, write, *, device, batch_size: int, model, force: bool,
+                      progress: bool, halo, blend, _model_obj) -> RestoreResult:
+    """The restore every output format shares: open, decode level 0 row by row (one row ahead, on a thread),
+    and hand the rows to ``write(strips, container, tile_size, associated, on_level) -> level sizes``."""
     t0 = time.perf_counter()
     container = open_container(container_path)
     net = _model_obj if _model_obj is not None else load_decoder_model(container, model, device, force)
     decoder = TileDecoder(container, net, halo=halo, cache_tiles=0, batch_size=batch_size, blend=blend)
-    grid = container.grid
     # a damaged label or macro is damage like any other: refuse rather than restore without it
     associated = container.associated_images() or {}
     total = decoder.rows * decoder.cols
     with _Progress(progress, total, "restoring level 0") as bar:
-        dims = write_aperio_pyramid(
-            out_path,
-            prefetch(decoder.strips(on_tiles=bar.advance)),
-            int(grid.width),
-            int(grid.height),
-            _aperio_info(container),
-            tile_size=decoder.tile_size,
-            associated=associated,
-            compression=compression,
-            quality=quality,
-            on_level=lambda level, wh: bar.describe(f"wrote level {level} ({wh[0]}x{wh[1]})"),
-            overwrite=overwrite,
-        )
+        dims = write(prefetch(decoder.strips(on_tiles=bar.advance)), container, decoder.tile_size, associated,
+                     lambda level, wh: bar.describe(f"wrote level {level} ({wh[0]}x{wh[1]})"))
     return RestoreResult(
         output=str(out_path),
         levels=tuple((int(w), int(h)) for w, h in dims),
         tiles=total,
         decoded_tiles=decoder.decoded,
         seconds=time.perf_counter() - t0,
-        bytes=out_path.stat().st_size,
+        bytes=disk_bytes(out_path),
     )
 
 
@@ -211,41 +214,20 @@ def _check_dicom_output(container_path: str | os.PathLike, out_path: Path, overw
 
 def _restore_dicom(container_path, out_path: Path, *, quality: int, device, batch_size: int, model, force: bool,
                    overwrite: bool, progress: bool, halo, blend, _model_obj) -> RestoreResult:
-    from wsicodec._io import disk_bytes
     from wsicodec.pipeline.dicom import _pydicom, dicom_info, write_dicom_wsi
 
     if not 1 <= int(quality) <= 100:
         raise WsicodecError(f"--quality must be between 1 and 100, got {quality}")
     _pydicom()  # fail before decoding anything when pydicom is missing
     _check_dicom_output(container_path, out_path, overwrite)
-    t0 = time.perf_counter()
-    container = open_container(container_path)
-    net = _model_obj if _model_obj is not None else load_decoder_model(container, model, device, force)
-    decoder = TileDecoder(container, net, halo=halo, cache_tiles=0, batch_size=batch_size, blend=blend)
-    grid = container.grid
-    associated = container.associated_images() or {}
-    total = decoder.rows * decoder.cols
-    with _Progress(progress, total, "restoring level 0") as bar:
-        dims = write_dicom_wsi(
-            out_path,
-            prefetch(decoder.strips(on_tiles=bar.advance)),
-            int(grid.width),
-            int(grid.height),
-            dicom_info(container),
-            tile_size=decoder.tile_size,
-            associated=associated,
-            quality=quality,
-            on_level=lambda level, wh: bar.describe(f"wrote level {level} ({wh[0]}x{wh[1]})"),
-            overwrite=overwrite,
-        )
-    return RestoreResult(
-        output=str(out_path),
-        levels=tuple((int(w), int(h)) for w, h in dims),
-        tiles=total,
-        decoded_tiles=decoder.decoded,
-        seconds=time.perf_counter() - t0,
-        bytes=disk_bytes(out_path),
-    )
+
+    def write(strips, container, tile_size, associated, on_level):
+        return write_dicom_wsi(out_path, strips, int(container.grid.width), int(container.grid.height),
+                               dicom_info(container), tile_size=tile_size, associated=associated, quality=quality,
+                               on_level=on_level, overwrite=overwrite)
+
+    return _decode_and_write(container_path, out_path, write, device=device, batch_size=batch_size, model=model,
+                             force=force, progress=progress, halo=halo, blend=blend, _model_obj=_model_obj)
 
 
 def restore_region(
