@@ -6,7 +6,11 @@
 Prints tiles/s (256 px tiles, batch 16) for the encoder and the decoder in float32 and under bf16
 autocast (with the PSNR change bf16 causes on real tiles), and OpenSlide's read_region rate for the
 same tile size from CMU-1 in the same run, so each figure is also a ratio to the read rate.
-Targets (issue 4): encoder >= 90 tiles/s, decoder >= 50 tiles/s on 2 cores.
+The encoder runs as compress runs it: each tile with its context margin (the model's
+``encode_margin_px`` on every side); the decoder as restore runs it: each tile's latents with the
+model's ``decode_halo_cells`` of neighbours on every side. ``--baseline`` (default: the v1 builtin
+model) is measured the same way in the same run, for ratios.
+Targets (issue 16): encoder >= 90 tiles/s with the margin, decoder >= 25 tiles/s with the halo, 2 cores, fp32.
 """
 
 from __future__ import annotations
@@ -61,12 +65,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--tile", type=int, default=256)
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--baseline", default="wsicodec-base-f8c4-v1", help="model measured beside it ('' for none)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     from wsicodec.models import load_model
 
     ae = load_model(args.model, "cpu")
+    base = load_model(args.baseline, "cpu") if args.baseline else None
     if not args.slide.is_file():
         raise SystemExit(f"slide not found: {args.slide} (pass --slide CMU-1-Small-Region.svs)")
     read_rate, tiles = openslide_rate(args.slide, args.tile, args.seconds)
@@ -74,23 +80,34 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {args.tile} px tiles, "
           f"model {ae.info.model_id}")
     print(f"openslide read_region (1 thread): {read_rate:8.1f} tiles/s   (1.00x)")
-    z32 = ae.encode(batch)
-    ref = ae.decode(z32)
+    for model in [m for m in (ae, base) if m is not None]:
+        _measure(model, batch, read_rate, args)
+
+
+def _measure(ae, batch: np.ndarray, read_rate: float, args) -> None:
+    f = int(ae.info.spatial_factor)
+    margin = -(-int(getattr(ae, "encode_margin_px", 32)) // f) * f
+    halo = int(getattr(ae, "decode_halo_cells", 3))
+    padded = np.pad(batch, ((0, 0), (margin, margin), (margin, margin), (0, 0)), mode="reflect")
+    k = margin // f
+    print(f"-- {ae.info.model_id}: encode margin {margin} px, decode halo {halo} cells")
+    z_tile = ae.encode(padded)[:, :, k:-k or None, k:-k or None]
+    z_halo = torch.nn.functional.pad(z_tile, (halo,) * 4, mode="replicate")
+    ref = ae.decode(z_tile)
     for label, bf16 in (("fp32", False), ("bf16 autocast", True)):
         if hasattr(ae, "bf16_cpu"):
             ae.bf16_cpu = bf16
         elif bf16:
             break
-        enc = rate(lambda: ae.encode(batch), args.batch, args.seconds)
-        z = ae.encode(batch)
-        dec = rate(lambda: ae.decode(z), args.batch, args.seconds)
-        rec = ae.decode(z)
+        enc = rate(lambda: ae.encode(padded), args.batch, args.seconds)
+        dec = rate(lambda: ae.decode(z_halo), args.batch, args.seconds)
+        rec = ae.decode(z_tile)
         d = (rec.astype(np.float64) - batch) ** 2
         psnr = 10 * np.log10(255.0**2 / d.mean())
         drift = 10 * np.log10(255.0**2 / max(((rec.astype(np.float64) - ref) ** 2).mean(), 1e-10))
         print(f"encoder {label:14s}: {enc:8.1f} tiles/s   ({enc / read_rate:.2f}x openslide)   target >= 90")
-        print(f"decoder {label:14s}: {dec:8.1f} tiles/s   ({dec / read_rate:.2f}x openslide)   target >= 50")
-        print(f"  reconstruction PSNR {psnr:.2f} dB; vs fp32 output {drift:.1f} dB")
+        print(f"decoder {label:14s}: {dec:8.1f} tiles/s   ({dec / read_rate:.2f}x openslide)   target >= 25")
+        print(f"  reconstruction PSNR {psnr:.2f} dB (unquantised latents); vs fp32 output {drift:.1f} dB")
     if hasattr(ae, "bf16_cpu"):
         ae.bf16_cpu = False
 

@@ -56,7 +56,7 @@ def tiny_model_dir(tmp_path_factory):
 def test_eval_cli_jpeg_and_tiny_model_writes_every_output(tile_folder, tiny_model_dir, tmp_path):
     out = {k: tmp_path / f"r.{k}" for k in ("csv", "json", "md", "png")}
     res = CliRunner().invoke(app, [
-        "eval", str(tile_folder), "--model", str(tiny_model_dir), "--quant", "none,int8,kmeans",
+        "eval", str(tile_folder), "--model", str(tiny_model_dir), "--quant", "none,int8,kmeans", "--baseline", "",
         "--jpeg", "75,20", "--embedder", "lpips-alex", "--csv", str(out["csv"]), "--json", str(out["json"]),
         "--markdown", str(out["md"]), "--plot", str(out["png"]), "--device", "cpu", "-q",
     ])

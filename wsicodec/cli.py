@@ -79,6 +79,7 @@ def compress(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Registry name or local model folder; default: the builtin model. See `wsicodec models`."),
     quant: Optional[str] = typer.Option(None, "--quant", help=f"{kinds_help()}; default: the model's recommended quantiser, else kmeans."),
     levels: Optional[int] = typer.Option(None, "--levels", min=2, max=256, help="Quantiser levels (<= 256; fewer levels, fewer bytes)."),
+    quality: Optional[str] = typer.Option(None, "--quality", help="Operating point of a rate-distortion-trained model: low, default or high for the builtin model (about 1.5, 2.5 and 5 KB per tissue tile)."),
     mpp: float = typer.Option(0.5, "--mpp", help="Archive resolution in µm/px (0.5 = 20x)."),
     source_mpp: Optional[float] = typer.Option(None, "--source-mpp", help="The source's µm/px, for slides that don't record it (overrides the slide's own)."),
     all_tiles: bool = typer.Option(False, "--all-tiles", help="Encode background tiles too."),
@@ -105,8 +106,8 @@ def compress(
     if batch.is_batch(paths, "compress"):
         with _user_errors():
             options = batch.CompressOptions(
-                model=model, quant=quant, levels=levels, target_mpp=mpp, source_mpp=source_mpp, all_tiles=all_tiles,
-                tissue_threshold=tissue_threshold, encode_margin=encode_margin, batch_size=batch_size, device=device,
+                model=model, quant=quant, levels=levels, quality=quality, target_mpp=mpp, source_mpp=source_mpp,
+                all_tiles=all_tiles, tissue_threshold=tissue_threshold, encode_margin=encode_margin, batch_size=batch_size, device=device,
                 read_workers=workers, single_file=single_file, allow_empty=allow_empty, overwrite=overwrite)
             result = batch.compress_batch(paths[:-1], paths[-1], options, jobs=jobs, retries=retries, ray=ray,
                                           progress=not quiet and not json_out)
@@ -123,7 +124,8 @@ def compress(
     with _user_errors():
         if ray is not None:
             raise WsicodecError("--ray runs batches: give an output folder (OUT/) as the last argument")
-        summary = run(slide, out, model=model, quant=quant, levels=levels, target_mpp=mpp, source_mpp=source_mpp,
+        summary = run(slide, out, model=model, quant=quant, levels=levels, quality=quality, target_mpp=mpp,
+                      source_mpp=source_mpp,
                       all_tiles=all_tiles, batch_size=batch_size, device=device, read_workers=workers,
                       tissue_threshold=tissue_threshold, encode_margin=encode_margin, overwrite=overwrite, single_file=single_file,
                       allow_empty=allow_empty, progress=not quiet and not json_out)
@@ -375,8 +377,9 @@ def stats(
 def eval_(
     inputs: list[Path] = typer.Argument(..., help="Slides (tissue tiles at --mpp) and/or images or folders of image tiles."),
     model: Optional[list[str]] = typer.Option(None, "--model", "-m", help="Registry name or local model folder; repeat for several. Default: the builtin model; 'none' for JPEG only."),
-    quant: str = typer.Option("none,int8,kmeans", "--quant", help=f"Quantisers per model, comma-separated: {', '.join(KINDS)}; levels as kmeans:128, uniform:64."),
+    quant: str = typer.Option("default,none,int8,kmeans", "--quant", help=f"Quantisers per model, comma-separated: default (what compress uses), {', '.join(KINDS)}; levels as kmeans:128, uniform:64."),
     jpeg: str = typer.Option("75,50,20,10", "--jpeg", help="JPEG qualities (Pillow), comma-separated; '' for none."),
+    baseline: str = typer.Option("avif,jpegxl,webp", "--baseline", help="Image codecs compared at equal bytes (each model row's stored size): avif, jpegxl, webp, comma-separated; '' for none."),
     embedder: Optional[list[str]] = typer.Option(None, "--embedder", "-e", help="uni, phikon-v2, gigapath (gated hub models), lpips-vgg, lpips-alex (offline stand-ins); repeat. Default: uni and lpips-vgg."),
     images_mpp: Optional[float] = typer.Option(None, "--images-mpp", help="µm/px of the image inputs (MoNuSeg: 0.25), resampled to --mpp; default: taken as they are."),
     mpp: float = typer.Option(0.5, "--mpp", help="Archive resolution in µm/px (0.5 = 20x)."),
@@ -416,6 +419,7 @@ def eval_(
         tiles = ev.load_eval_tiles(inputs, target_mpp=mpp, images_mpp=images_mpp, slide_mpp=source_mpp,
                                    max_tiles=max_tiles, seed=seed)
         report = ev.evaluate(tiles, models=models, quants=quants, jpeg=qualities,
+                             baselines=ev.parse_baselines(baseline),
                              embedders=list(embedder) if embedder else list(ev.DEFAULT_EMBEDDERS),
                              device=device, batch_size=batch_size, warn=warn, progress=note)
         # piped output (logs, CI) gets a wide table rather than rich's 80-column default
@@ -504,19 +508,21 @@ def train(
     holdout: int = typer.Option(16, "--holdout", help="Tiles held out for the progress bar's PSNR."),
     seed: int = typer.Option(0, "--seed"),
     model_id: Optional[str] = typer.Option(None, "--model-id", help="Id recorded in containers (default local:<folder name>)."),
+    rate: Optional[str] = typer.Option(None, "--rate", metavar="NAME:BPP,...", help="Rate-distortion training: operating points and their target bits per pixel (the model's own entropy), e.g. default:0.27 or low:0.16,default:0.27,high:0.55. Replaces --levels-noise; docs/training.md."),
     extra_data: Optional[list[str]] = typer.Argument(None, hidden=True),
 ) -> None:
     """Train an autoencoder (the builtin model's recipe) on your own slides or tiles."""
     with _user_errors():
-        from wsicodec.research.train import TrainConfig, train as run_training
+        from wsicodec.research.train import TrainConfig, parse_rate_points, train as run_training
 
+        rd_names, rd_bpp = parse_rate_points(rate) if rate else (None, None)
         cfg = TrainConfig(
             data=list(data) + list(extra_data or []), out=out, steps=steps, batch_size=batch_size, crop=crop,
             lr=lr, warmup=warmup, latent_channels=latent_channels, factor=factor, levels_noise=levels_noise,
             lpips_weight=lpips_weight, mse_weight=mse_weight, gan_after=gan_after, gan_weight=gan_weight,
             device=device, threads=threads, images_mpp=images_mpp, slide_mpp=slide_mpp, target_mpp=mpp,
             max_tiles=max_tiles, time_limit_min=time_limit, ckpt_every=ckpt_every, eval_every=eval_every, holdout=holdout,
-            seed=seed, model_id=model_id, resume=resume,
+            seed=seed, model_id=model_id, resume=resume, rd_qualities=rd_names, rd_target_bpp=rd_bpp,
         )
         folder = run_training(cfg)
         typer.echo(f"model folder: {folder}  (use --model {folder})")

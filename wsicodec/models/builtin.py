@@ -117,8 +117,75 @@ class Decoder(nn.Module):
         return self.net(z)
 
 
+class RateModel(nn.Module):
+    """The entropy model of a rate-distortion-trained model (config key ``"rd"``), per operating point.
+
+    For operating point ``q`` and latent channel ``c`` the stored symbol is
+    ``k = clamp(round(z * gain[q, c]), -128, 127)`` (uint8 index ``k + 128``), dequantised to
+    ``k / gain[q, c]``: a per-channel uniform codebook, so containers need no new reading rule. The
+    probability of symbol ``k`` is ``softmax(logits[q, c])[k + 128]`` (learned per-channel densities);
+    its ``-log2`` is the rate the training minimises and what the rANS codec pays.
+
+    Training relaxes rounding with additive uniform noise for the rate: the histogram density of the
+    symbols convolved with a one-step box is the linear interpolation of neighbouring symbol masses.
+    """
+
+    SYMBOLS = 256
+    OFFSET = 128
+
+    def __init__(self, channels: int, qualities: list[str]):
+        super().__init__()
+        self.qualities = list(qualities)
+        n = len(self.qualities)
+        self.log_gain = nn.Parameter(torch.zeros(n, channels))
+        k = torch.arange(self.SYMBOLS, dtype=torch.float32) - self.OFFSET
+        # start as a discretised Laplacian of scale 2: mass near zero, every symbol possible
+        self.logits = nn.Parameter((-k.abs() / 2.0).expand(n, channels, self.SYMBOLS).clone())
+
+    def index(self, quality: str) -> int:
+        try:
+            return self.qualities.index(quality)
+        except ValueError:
+            raise ModelError(f"unknown quality {quality!r}; this model offers {', '.join(self.qualities)}") from None
+
+    def gain(self, q: torch.Tensor) -> torch.Tensor:
+        """(N,) operating-point numbers -> (N, C, 1, 1) gains."""
+        return self.log_gain.exp()[q][:, :, None, None]
+
+    def probs(self, q: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.logits.float(), dim=-1)[q]  # (N, C, 256)
+
+    def bits_noisy(self, s: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """Bits per sample of noisy scaled latents ``s`` (N,C,h,w) -> (N,)."""
+        n, c = s.shape[:2]
+        u = (s + self.OFFSET).clamp(0, self.SYMBOLS - 1).reshape(n, c, -1)
+        k = u.detach().floor().clamp(max=self.SYMBOLS - 2)
+        f = u - k
+        p = self.probs(q)
+        ki = k.long()
+        pk = p.gather(2, ki)
+        pk1 = p.gather(2, ki + 1)
+        lik = (pk * (1 - f) + pk1 * f).clamp_min(1e-9)
+        return -torch.log2(lik).sum(dim=(1, 2))
+
+    def bits_hard(self, sym: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """Bits per sample of integer symbols (N,C,h,w) in [-128, 127] -> (N,)."""
+        n, c = sym.shape[:2]
+        p = self.probs(q)
+        idx = (sym.long() + self.OFFSET).clamp(0, self.SYMBOLS - 1).reshape(n, c, -1)
+        return -torch.log2(p.gather(2, idx).clamp_min(1e-12)).sum(dim=(1, 2))
+
+    def steps(self, quality: str) -> torch.Tensor:
+        """(C,) quantiser step per channel at this operating point."""
+        return (-self.log_gain[self.index(quality)]).exp().detach()
+
+    def symbol_probs(self, quality: str) -> torch.Tensor:
+        """(C, 256) float64 probabilities of the stored indices at this operating point."""
+        return torch.softmax(self.logits[self.index(quality)].detach().double(), dim=-1)
+
+
 class CodecNet(nn.Module):
-    """encoder + decoder; images in [-1, 1]."""
+    """encoder + decoder (+ the entropy model of rate-distortion-trained configs); images in [-1, 1]."""
 
     def __init__(self, config: dict[str, Any] | None = None):
         super().__init__()
@@ -127,6 +194,9 @@ class CodecNet(nn.Module):
         self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
+        rd = cfg.get("rd")
+        if rd:
+            self.rate = RateModel(int(cfg["latent_channels"]), list(rd["qualities"]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x))
@@ -146,6 +216,8 @@ class BuiltinAutoencoder(Autoencoder):
             self.net = self.net.to(memory_format=torch.channels_last)
         self.bf16_cpu = bf16_cpu
         cfg = net.config
+        # the decoder's reach in latent cells (its receptive field), where the config states it
+        self.decode_halo_cells = int(cfg.get("decode_halo_cells", Autoencoder.decode_halo_cells))
         state = {k: v for k, v in net.state_dict().items()}
         dec = {k: v for k, v in state.items() if k.startswith("decoder.")}
         bound = float(cfg["bound"])
@@ -161,6 +233,35 @@ class BuiltinAutoencoder(Autoencoder):
             config=json.loads(json.dumps(cfg)),
             source=source,
         )
+
+    # ------------------------------------------------------------------ operating points (rd models)
+    def operating_points(self) -> list[str]:
+        """Named operating points of a rate-distortion-trained model, lowest rate first; [] otherwise."""
+        rate = getattr(self.net, "rate", None)
+        return list(rate.qualities) if rate is not None else []
+
+    def default_operating_point(self) -> str | None:
+        rd = self.net.config.get("rd") or {}
+        return rd.get("default") if rd else None
+
+    def operating_point_quantizer(self, quality: str | None = None):
+        """The quantiser of one operating point: 256 levels per channel, ``(k - 128) * step[c]``.
+
+        It is a plain per-channel codebook (kind ``int8``: static, nothing fitted per slide), so any
+        reader of the container format dequantises it with the one rule ``codebook[c][index]``."""
+        import numpy as np
+
+        from wsicodec.quant.quantizer import Quantizer
+
+        rate = getattr(self.net, "rate", None)
+        if rate is None:
+            raise ModelError(f"model {self.info.model_id} has no operating points")
+        quality = quality or self.default_operating_point() or rate.qualities[0]
+        steps = rate.steps(quality).double().cpu().numpy()  # raises ModelError for an unknown name
+        k = np.arange(RateModel.SYMBOLS, dtype=np.float64) - RateModel.OFFSET
+        codebook = (steps[:, None] * k[None, :]).astype(np.float32)
+        return Quantizer("int8", 256, per_channel=True, codebook=codebook,
+                         range_=(float(codebook.min()), float(codebook.max())), quality=quality)
 
     def _autocast(self):
         if self.device.type == "cpu" and self.bf16_cpu:

@@ -329,6 +329,7 @@ class CompressOptions:
     levels: int | None = None
     target_mpp: float = 0.5
     source_mpp: float | None = None  # for slides that record none; a manifest's column wins
+    quality: str | None = None  # the model's operating point (rate-distortion-trained models)
     tile_size: int = 256
     all_tiles: bool = False
     tissue_threshold: float = _DEFAULT_TISSUE_THRESHOLD
@@ -511,7 +512,7 @@ def expected_settings(model, options: CompressOptions, source_mpp: float | None)
     """What a container made now with ``options`` would record (defaults resolved with the model)."""
     from wsicodec.pipeline.compress import choose_quantizer, encode_margin_px
 
-    q = choose_quantizer(model, options.quant, options.levels)
+    q = choose_quantizer(model, options.quant, options.levels, options.quality)
     settings: dict[str, Any] = {
         "model id": model.info.model_id,
         "quantiser": q.kind,
@@ -613,7 +614,7 @@ def _compress_one(task: Task) -> tuple[str, str, int, int | None, int | None]:
         aside = partial_name(out, "old")
         os.replace(out, aside)
     try:
-        res = compress(task.open_path, out, model=model, quant=opts.quant, levels=opts.levels,
+        res = compress(task.open_path, out, model=model, quant=opts.quant, levels=opts.levels, quality=opts.quality,
                        target_mpp=opts.target_mpp, source_mpp=task.source_mpp, tile_size=opts.tile_size,
                        all_tiles=opts.all_tiles, batch_size=opts.batch_size, read_workers=opts.read_workers,
                        overwrite=bool(redo), single_file=opts.single_file, tissue_threshold=opts.tissue_threshold,

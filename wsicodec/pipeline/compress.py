@@ -87,9 +87,21 @@ def encode_margin_px(model: Autoencoder, margin_px: int | None) -> int:
     return -(-m // f) * f
 
 
-def choose_quantizer(model: Autoencoder, kind: str | None, levels: int | None) -> Quantizer:
-    """The user's choice, else the model's recommended one (builtin models record it), else K-means-256."""
+def choose_quantizer(model: Autoencoder, kind: str | None, levels: int | None,
+                     quality: str | None = None) -> Quantizer:
+    """The user's choice, else the model's recommended one (builtin models record it), else K-means-256.
+
+    A rate-distortion-trained model (one with operating points) quantises on its own per-channel grid,
+    picked by ``quality``; its recommended quantiser is that grid at its default operating point."""
     recommended = (model.info.config or {}).get("default_quantizer") or {}
+    points = operating_points(model)
+    if quality is not None and not points:
+        raise WsicodecError(f"--quality: model {model.info.model_id} has no operating points; "
+                            "use --quant/--levels to trade bytes for fidelity")
+    if points and (kind is None or quality is not None):
+        if kind is not None:
+            raise WsicodecError("--quality picks the model's own quantiser; leave out --quant")
+        return model.operating_point_quantizer(quality)  # type: ignore[attr-defined]
     if kind is None:
         kind = recommended.get("kind", DEFAULT_QUANT)
         if levels is None:
@@ -97,6 +109,12 @@ def choose_quantizer(model: Autoencoder, kind: str | None, levels: int | None) -
     if levels is None:
         levels = DEFAULT_LEVELS
     return make_quantizer(kind, levels=levels, latent_range=model.info.latent_range)
+
+
+def operating_points(model: Autoencoder) -> list[str]:
+    """The named rate/fidelity operating points a model offers (``--quality``), or [] if none."""
+    fn = getattr(model, "operating_points", None)
+    return list(fn()) if callable(fn) else []
 
 
 def sample_coords(coords: Sequence[Coord], n: int, seed: int = 0) -> list[Coord]:
@@ -299,8 +317,11 @@ def compress(slide_path: str | os.PathLike, out_path: str | os.PathLike, *, mode
              batch_size: int = 16, device: str | None = None, read_workers: int = 2, sample_tiles: int = 64,
              seed: int = 0, overwrite: bool = False, single_file: bool = False,
              tissue_threshold: float = DEFAULT_TISSUE_THRESHOLD, encode_margin: int | None = None,
-             allow_empty: bool = False, progress: bool = False) -> CompressResult:
-    """Compress one slide into a .pzarr container and return what it cost and saved."""
+             allow_empty: bool = False, progress: bool = False, quality: str | None = None) -> CompressResult:
+    """Compress one slide into a .pzarr container and return what it cost and saved.
+
+    ``quality`` picks one of the model's operating points (``wsicodec models`` lists them; the builtin
+    default model offers low, default and high)."""
     started = time.perf_counter()
     slide_path, out_path = Path(slide_path), Path(out_path)
     if out_path.exists() and not overwrite:
@@ -321,7 +342,7 @@ def compress(slide_path: str | os.PathLike, out_path: str | os.PathLike, *, mode
         if tile_size % autoencoder.info.spatial_factor:
             raise WsicodecError(f"tile size {tile_size} is not a multiple of the model's spatial factor "
                                 f"{autoencoder.info.spatial_factor}")
-        quantizer = choose_quantizer(autoencoder, quant, levels)
+        quantizer = choose_quantizer(autoencoder, quant, levels, quality)
         margin = encode_margin_px(autoencoder, encode_margin)
         layout = plan(slide, target_mpp=target_mpp, tile_size=tile_size, all_tiles=all_tiles,
                       tissue_threshold=tissue_threshold, workers=read_workers)

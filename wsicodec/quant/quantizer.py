@@ -171,7 +171,8 @@ class Quantizer:
     """Maps float latents to stored values and back. Build with :func:`make_quantizer`."""
 
     def __init__(self, kind: str, levels: int = 256, *, per_channel: bool = False,
-                 range_: tuple[float, float] | None = None, codebook: np.ndarray | None = None):
+                 range_: tuple[float, float] | None = None, codebook: np.ndarray | None = None,
+                 quality: str | None = None):
         if kind not in KINDS:
             raise QuantizerError(f"unknown quantiser {kind!r}; choose one of {', '.join(KINDS)}")
         if kind != "none" and not (2 <= int(levels) <= MAX_LEVELS):
@@ -182,6 +183,7 @@ class Quantizer:
         self.range = (float(range_[0]), float(range_[1])) if range_ is not None else None
         self.codebook = None if codebook is None else np.ascontiguousarray(codebook, dtype=np.float32)
         self.fit_values = 0
+        self.quality = quality  # the model's operating point this grid belongs to (informative)
         self._mids: torch.Tensor | None = None
         self._table: torch.Tensor | None = None
 
@@ -278,6 +280,8 @@ class Quantizer:
             d["codebook_shape"] = list(self.codebook.shape)
         if self.fit_values:
             d["fit_values"] = self.fit_values
+        if self.quality:
+            d["quality"] = self.quality
         return d
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -297,6 +301,7 @@ class Quantizer:
                 per_channel=bool(attrs.get("per_channel", False)),
                 range_=tuple(rng) if rng else None)
         q.fit_values = int(attrs.get("fit_values", 0) or 0)
+        q.quality = attrs.get("quality") if isinstance(attrs.get("quality"), str) else None
         if kind != "none":
             cb = arrays.get("codebook")
             if cb is None:

@@ -34,7 +34,7 @@ from wsicodec._io import atomic_output
 from wsicodec.errors import WsicodecError
 
 DEFAULT_JPEG = (75, 50, 20, 10)
-DEFAULT_QUANTS = ("none", "int8", "kmeans")
+DEFAULT_QUANTS = ("default", "none", "int8", "kmeans")  # default: what compress uses
 DEFAULT_EMBEDDERS = ("uni", "lpips-vgg")
 SSIM_CHANNELS = "rgb"
 
@@ -75,6 +75,9 @@ def parse_quants(text: str | Iterable[str] | None) -> list[tuple[str, int | None
             continue
         kind, _, lv = item.partition(":")
         kind = kind.strip().lower()
+        if kind == "default" and not lv:  # the quantiser compress would use with this model
+            out.append((kind, None))
+            continue
         if kind not in KINDS:
             raise WsicodecError(f"unknown quantiser {kind!r}: choose from {', '.join(KINDS)} (levels as kmeans:128)")
         levels = None
@@ -113,6 +116,67 @@ def jpeg_roundtrip(tiles: np.ndarray, quality: int) -> tuple[np.ndarray, np.ndar
     return out, sizes
 
 
+# Image codecs a storage team would pick instead, each coding every tile alone (imagecodecs builds of
+# libavif, libjxl and libwebp). ``level`` is each library's quality knob, 0-100, more is larger.
+BASELINES: dict[str, dict[str, Any]] = {
+    "avif": {"label": "AVIF", "encode": lambda t, q: __import__("imagecodecs").avif_encode(t, level=q, speed=4),
+             "decode": lambda b: __import__("imagecodecs").avif_decode(b)},
+    "jpegxl": {"label": "JPEG-XL", "encode": lambda t, q: __import__("imagecodecs").jpegxl_encode(t, level=q),
+               "decode": lambda b: __import__("imagecodecs").jpegxl_decode(b)},
+    "webp": {"label": "WebP", "encode": lambda t, q: __import__("imagecodecs").webp_encode(t, level=q, lossless=False),
+             "decode": lambda b: __import__("imagecodecs").webp_decode(b)},
+}
+DEFAULT_BASELINES = ("avif", "jpegxl", "webp")
+
+
+def parse_baselines(text: str | Iterable[str] | None) -> list[str]:
+    if text is None:
+        return list(DEFAULT_BASELINES)
+    items = [s.strip().lower() for s in text.split(",")] if isinstance(text, str) else list(text)
+    items = [i for i in items if i]
+    bad = [i for i in items if i not in BASELINES]
+    if bad:
+        raise WsicodecError(f"unknown baseline codec {bad[0]!r}; choose from {', '.join(BASELINES)}")
+    return items
+
+
+def baseline_roundtrip(name: str, tiles: np.ndarray, level: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each tile through one baseline codec at one quality level: (decoded uint8 tiles, bytes per tile)."""
+    codec = BASELINES[name]
+    out = np.empty_like(tiles)
+    sizes = np.empty(len(tiles), dtype=np.int64)
+    for i, tile in enumerate(tiles):
+        data = codec["encode"](np.ascontiguousarray(tile), int(level))
+        sizes[i] = len(data)
+        out[i] = np.asarray(codec["decode"](data))[..., :3]
+    return out, sizes
+
+
+def baseline_at_bytes(name: str, tiles: np.ndarray, target_bytes: float) -> tuple[int, np.ndarray, np.ndarray]:
+    """The highest quality level whose mean bytes per tile stay within ``target_bytes`` (one setting for
+    all tiles, as a user would choose it): (level, decoded tiles, bytes per tile). Falls back to the
+    lowest level when even that costs more (the row then shows the larger size)."""
+    cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def run(level: int):
+        if level not in cache:
+            cache[level] = baseline_roundtrip(name, tiles, level)
+        return cache[level]
+
+    lo, hi = 0, 100
+    if run(lo)[1].mean() > target_bytes:
+        return lo, *run(lo)
+    while hi - lo > 1:  # bytes grow with the level: bisect on the largest level within budget
+        mid = (lo + hi) // 2
+        if run(mid)[1].mean() <= target_bytes:
+            lo = mid
+        else:
+            hi = mid
+    if run(hi)[1].mean() <= target_bytes:
+        lo = hi
+    return lo, *run(lo)
+
+
 def encode_tiles(model, tiles: np.ndarray, batch_size: int) -> torch.Tensor:
     return torch.cat([model.encode(tiles[i : i + batch_size]) for i in range(0, len(tiles), batch_size)])
 
@@ -121,15 +185,45 @@ def decode_latents(model, latents: torch.Tensor, batch_size: int) -> np.ndarray:
     return np.concatenate([model.decode(latents[i : i + batch_size]) for i in range(0, len(latents), batch_size)])
 
 
+def byte_report(stored: np.ndarray, model=None, quality: str | None = None) -> dict[str, float]:
+    """Mean bytes per tile of stored uint8 indices (N,C,h,w), three ways: as zstd chunks (what the
+    container stores today), at their order-0 entropy (one histogram per channel, measured on these
+    tiles, table not counted), and under the model's own entropy model (what an arithmetic coder with
+    the model's probabilities pays, within a few bytes), where the model has one."""
+    from wsicodec.format import stored_tile_bytes
+
+    n, c = stored.shape[:2]
+    out = {"zstd": float(np.mean([stored_tile_bytes(stored[i]) for i in range(n)]))}
+    bits0 = 0.0
+    for ch in range(c):
+        counts = np.bincount(stored[:, ch].reshape(-1), minlength=256).astype(np.float64)
+        p = counts[counts > 0] / counts.sum()
+        bits0 += float(-(counts[counts > 0] * np.log2(p)).sum())
+    out["order0"] = bits0 / 8 / n
+    rate = getattr(getattr(model, "net", None), "rate", None)
+    if rate is not None and quality is not None:
+        probs = rate.symbol_probs(quality).numpy()  # (C, 256)
+        idx = stored.astype(np.int64).transpose(1, 0, 2, 3).reshape(c, -1)
+        bits = -np.log2(np.take_along_axis(probs, idx, axis=1).clip(1e-300)).sum()
+        out["model"] = float(bits) / 8 / n
+    return out
+
+
 def model_roundtrip(model, latents: torch.Tensor, kind: str, levels: int | None, batch_size: int):
-    """Quantise as a container would: (reconstructed uint8 tiles, stored bytes per tile, quantiser)."""
+    """Quantise as a container would: (reconstructed uint8 tiles, stored bytes per tile, quantiser).
+    ``kind`` "default" is the quantiser compress uses with this model unless told otherwise."""
     from wsicodec.format import stored_tile_bytes
     from wsicodec.quant.quantizer import make_quantizer
 
-    kwargs: dict[str, Any] = {"model_info": model.info}
-    if levels:
-        kwargs["levels"] = levels
-    q = make_quantizer(kind, **kwargs)
+    if kind == "default":
+        from wsicodec.pipeline.compress import choose_quantizer
+
+        q = choose_quantizer(model, None, None)
+    else:
+        kwargs: dict[str, Any] = {"model_info": model.info}
+        if levels:
+            kwargs["levels"] = levels
+        q = make_quantizer(kind, **kwargs)
     q.fit(latents)
     stored = q.quantize(latents)
     sizes = np.array([stored_tile_bytes(stored[i]) for i in range(len(stored))], dtype=np.int64)
@@ -147,6 +241,7 @@ class CodecRow:
     ssim: float
     lpips: float
     embedding: dict[str, float] = field(default_factory=dict)  # embedder name -> mean cosine sim.
+    bytes_by: dict[str, float] = field(default_factory=dict)  # model rows: zstd / order0 / model coding
 
     @property
     def codec(self) -> str:
@@ -252,7 +347,7 @@ class EvalReport:
             "rows": [
                 {"codec": r.codec, "family": r.family, "setting": r.setting, "bytes_per_tile": r.bytes_per_tile,
                  "kb_per_tile": r.kb_per_tile, "psnr": r.psnr, "ssim": r.ssim, "lpips": r.lpips,
-                 "embedding": r.embedding}
+                 "embedding": r.embedding, "bytes_by": r.bytes_by}
                 for r in self.rows
             ],
         }
@@ -368,6 +463,7 @@ def evaluate(
     models: Iterable[Any] = (),
     quants: Iterable[tuple[str, int | None]] | str | None = None,
     jpeg: Iterable[int] | str | None = None,
+    baselines: Iterable[str] | str | None = (),
     embedders: Iterable[str] = DEFAULT_EMBEDDERS,
     device: str | torch.device | None = None,
     batch_size: int = 16,
@@ -392,6 +488,7 @@ def evaluate(
     dev = pick_device(str(device) if device else None)
     quant_list = parse_quants(quants)
     jpeg_list = parse_jpeg_qualities(jpeg)
+    baseline_list = parse_baselines(baselines)
 
     from wsicodec.research.embeddings import SPECS
 
@@ -435,11 +532,42 @@ def evaluate(
         latents = encode_tiles(model, tiles, batch_size)
         model_meta.append({"id": mid, "class": model.info.model_class, "weights_sha256": model.info.weights_sha256,
                            "decoder_sha256": model.info.decoder_sha256, "latent_shape": list(latents.shape[1:])})
+        points = list(model.operating_points()) if callable(getattr(model, "operating_points", None)) else []
+        for quality in points:  # a rate-distortion-trained model: its own grids, one row per operating point
+            progress(f"{mid} quality {quality}")
+            q = model.operating_point_quantizer(quality)
+            stored = q.quantize(latents)
+            by = byte_report(stored, model, quality)
+            recon = decode_latents(model, q.dequantize(stored), batch_size)
+            row = scorer.score(mid, f"quality {quality}", recon, np.array([by["zstd"]]))
+            row.bytes_by = by
+            rows.append(row)
         for kind, levels in quant_list:
+            if kind == "default" and points:
+                continue  # its default operating point is a row already
             progress(f"{mid} {quant_label(kind, levels)}")
-            recon, sizes, _ = model_roundtrip(model, latents, kind, levels, batch_size)
-            rows.append(scorer.score(mid, quant_label(kind, levels), recon, sizes))
+            recon, sizes, q = model_roundtrip(model, latents, kind, levels, batch_size)
+            setting = quant_label(kind, levels) if kind != "default" else f"{quant_label(q.kind, q.levels)} (default)"
+            row = scorer.score(mid, setting, recon, sizes)
+            if q.kind != "none":
+                row.bytes_by = byte_report(q.quantize(latents))
+            rows.append(row)
 
-    meta = {"device": str(dev), "models": model_meta, "jpeg": {"library": "Pillow", "settings": "default (4:2:0)"}}
+    # baselines at equal bytes: each model row's stored size, matched by one quality setting per codec
+    targets = sorted({r.bytes_per_tile for r in rows if r.family != "JPEG" and r.bytes_per_tile > 0})
+    for name in baseline_list:
+        label = BASELINES[name]["label"]
+        done: set[int] = set()
+        for target in targets:
+            progress(f"{label} at {target / 1000:.2f} KB/tile")
+            level, recon, sizes = baseline_at_bytes(name, tiles, target)
+            if level in done:
+                continue
+            done.add(level)
+            rows.append(scorer.score(label, f"q{level}", recon, sizes))
+
+    meta = {"device": str(dev), "models": model_meta, "jpeg": {"library": "Pillow", "settings": "default (4:2:0)"},
+            "baselines": {BASELINES[b]["label"]: "imagecodecs, every tile coded alone; the highest quality level "
+                          "whose mean bytes per tile fit each model row's" for b in baseline_list}}
     return EvalReport(rows, len(tiles), int(tiles.shape[1]),
                       [{"name": e.name, "label": e.label, "standin": e.standin} for e in loaded], notes, meta)

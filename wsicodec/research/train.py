@@ -71,6 +71,13 @@ class TrainConfig:
     threads: int | None = None
     resume: bool = False
     model_id: str | None = None
+    # rate-distortion training: operating points, each with its target bits per pixel (model entropy);
+    # the Lagrange weight of each is adapted every step so the rate settles at its target
+    rd_qualities: list[str] | None = None
+    rd_target_bpp: list[float] | None = None
+    rd_sample_weights: list[float] | None = None  # how often each operating point is drawn
+    rd_beta_init: float = 0.02
+    rd_beta_rate: float = 0.02  # log-step of the Lagrange weight's controller
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -190,7 +197,7 @@ def train(cfg: TrainConfig, progress: bool = True, log: Callable[[str], None] | 
     if ckpt is not None:
         # the run's identity (data, architecture) comes from the checkpoint; the schedule may be extended
         saved = ckpt["train_config"]
-        for key in ("latent_channels", "factor", "arch", "levels_noise", "crop"):
+        for key in ("latent_channels", "factor", "arch", "levels_noise", "crop", "rd_qualities"):
             setattr(cfg, key, saved[key])
         arch = ckpt["net_config"]
     else:
@@ -205,6 +212,10 @@ def train(cfg: TrainConfig, progress: bool = True, log: Callable[[str], None] | 
             arch["dec_widths"] = [DEFAULT_CONFIG["dec_widths"][0]] * (levels - 1) + [DEFAULT_CONFIG["dec_widths"][-1]]
             arch["dec_blocks"] = [1] * levels
         arch["default_quantizer"] = {"kind": "uniform", "levels": cfg.levels_noise or 256}
+        if cfg.rd_qualities:
+            arch["rd"] = {"qualities": list(cfg.rd_qualities), "default": _default_quality(cfg.rd_qualities)}
+            arch["default_quantizer"] = {"kind": "rd", "quality": arch["rd"]["default"]}
+            arch["bound"] = 127.0  # the entropy model's symbols clip at +-127; tanh is a safety net only
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -250,6 +261,16 @@ def train(cfg: TrainConfig, progress: bool = True, log: Callable[[str], None] | 
         history = ckpt.get("history", [])
         say(f"resumed from {ckpt_path} at step {step}")
     bound = float(arch["bound"])
+    rd = bool(arch.get("rd"))
+    n_q = len(arch["rd"]["qualities"]) if rd else 0
+    if rd:
+        targets = torch.tensor(cfg.rd_target_bpp or [0.27] * n_q, dtype=torch.float64)
+        if len(targets) != n_q:
+            raise WsicodecError(f"--rd-target-bpp needs {n_q} values, one per operating point")
+        q_weights = torch.tensor(cfg.rd_sample_weights or [1.0] * n_q, dtype=torch.float64)
+        default_q = arch["rd"]["qualities"].index(arch["rd"]["default"])
+        log_beta = (ckpt or {}).get("rd_log_beta", torch.full((n_q,), math.log(cfg.rd_beta_init),
+                                                               dtype=torch.float64))
     out.mkdir(parents=True, exist_ok=True)
     say(f"training {param_count(net) / 1e6:.2f} M parameters (f{arch['factor']}c{arch['latent_channels']}) on "
         f"{len(train_idx)} tiles ({n_hold} held out), device {device}, {torch.get_num_threads()} threads")
@@ -261,12 +282,22 @@ def train(cfg: TrainConfig, progress: bool = True, log: Callable[[str], None] | 
         with torch.inference_mode():
             x = hold_tiles.to(device).permute(0, 3, 1, 2).float() / 255
             z = net.encoder(x * 2 - 1)
-            if cfg.levels_noise:
+            bpp = float("nan")
+            if rd:
+                q = torch.full((len(x),), default_q, dtype=torch.long)
+                g = net.rate.gain(q)
+                sym = (z * g).clamp(-127, 127).round()
+                bpp = float(net.rate.bits_hard(sym, q).mean()) / (x.shape[2] * x.shape[3])
+                z = sym / g
+            elif cfg.levels_noise:
                 z = quantize_uniform(z, bound, cfg.levels_noise)
             y = ((net.decoder(z) + 1) / 2).clamp(0, 1)
             y = (y * 255).round() / 255
         net.train()
+        evaluate.bpp = bpp
         return float(metrics.psnr(y, x).mean())
+
+    evaluate.bpp = float("nan")  # type: ignore[attr-defined]
 
     def save(final: bool = False) -> None:
         state = {
@@ -280,6 +311,7 @@ def train(cfg: TrainConfig, progress: bool = True, log: Callable[[str], None] | 
             "train_config": cfg.to_json(),
             "net_config": arch,
             "history": history,
+            "rd_log_beta": log_beta if rd else None,
             "elapsed_s": elapsed_before + time.monotonic() - started,
         }
         with atomic_output(ckpt_path) as tmp:
@@ -317,7 +349,15 @@ def train(cfg: TrainConfig, progress: bool = True, log: Callable[[str], None] | 
                 if device.type == "cpu":
                     x = x.contiguous(memory_format=torch.channels_last)
                 z = net.encoder(x)
-                if cfg.levels_noise:
+                if rd:
+                    q = torch.multinomial(q_weights, cfg.batch_size, replacement=True, generator=gen)
+                    g = net.rate.gain(q)
+                    s_ = (z * g).clamp(-127, 127)
+                    noise = torch.rand(s_.shape, generator=gen) - 0.5
+                    bpp_i = net.rate.bits_noisy(s_ + noise.to(device), q) / (cfg.crop * cfg.crop)
+                    # the decoder sees what it will be given: rounded symbols, dequantised (straight-through)
+                    z = (s_ + (s_.round() - s_).detach()) / g
+                elif cfg.levels_noise:
                     z = quant_noise(z, bound, cfg.levels_noise)
                 y = net.decoder(z)
                 loss = F.l1_loss(y, x)
@@ -326,30 +366,53 @@ def train(cfg: TrainConfig, progress: bool = True, log: Callable[[str], None] | 
                 if lp is not None:
                     k = max(1, round(cfg.batch_size * cfg.lpips_fraction))
                     loss = loss + cfg.lpips_weight * lp(y[:k].clamp(-1, 1), x[:k]).mean()
+                if rd:
+                    beta = log_beta.exp().float().to(device)[q]
+                    loss = loss + (beta * bpp_i).mean()
+                    with torch.no_grad():  # the controller: raise a point's weight while it spends too much
+                        for j in range(n_q):
+                            sel = q == j
+                            if bool(sel.any()):
+                                ratio = float(bpp_i[sel].mean()) / float(targets[j])
+                                log_beta[j] += cfg.rd_beta_rate * max(-1.0, min(1.0, ratio - 1))
                 use_gan = disc is not None and step >= cfg.gan_after
                 if use_gan:
                     from wsicodec.research.gan import d_loss, g_loss
 
                     loss = loss + cfg.gan_weight * g_loss(disc(y))
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-                opt.step()
+                loss_value = float(loss.detach())
+                # a batch whose loss is not finite or far above the running mean is skipped, not learned
+                # from: one such step can undo hours on a small CPU run (seen as rare spikes of 100x)
+                spike = not math.isfinite(loss_value) or (ema is not None and step > 100 and loss_value > 20 * ema)
+                if spike:
+                    say(f"step {step}: loss {loss_value:.4g} skipped (running mean {ema:.4g})")
+                else:
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+                    opt.step()
                 if use_gan:
                     d_opt.zero_grad(set_to_none=True)
                     d_loss(disc(x), disc(y.detach())).backward()
                     d_opt.step()
                 step += 1
-                last_loss = float(loss.detach())
-                ema = last_loss if ema is None else 0.98 * ema + 0.02 * last_loss
+                if not spike:
+                    last_loss = loss_value
+                    ema = last_loss if ema is None else 0.98 * ema + 0.02 * last_loss
                 if step % cfg.eval_every == 0 or step == cfg.steps:
                     held = evaluate()
                     now = time.monotonic()
                     rate = (step - s_last) / max(1e-9, now - t_last)
                     t_last, s_last = now, step
-                    history.append({"step": step, "loss": round(ema, 5), "psnr": round(held, 3), "lr": lr})
+                    entry = {"step": step, "loss": round(ema, 5), "psnr": round(held, 3), "lr": lr}
+                    rd_note = ""
+                    if rd:
+                        entry["bpp"] = round(evaluate.bpp, 4)
+                        entry["beta"] = [round(float(b), 5) for b in log_beta.exp()]
+                        rd_note = f" {evaluate.bpp:.3f} bpp beta {'/'.join(f'{b:.3g}' for b in entry['beta'])}"
+                    history.append(entry)
                     if not interactive:
-                        say(f"step {step}/{cfg.steps} loss {ema:.4f} held-out PSNR {held:.2f} dB "
+                        say(f"step {step}/{cfg.steps} loss {ema:.4f} held-out PSNR {held:.2f} dB{rd_note} "
                             f"lr {lr:.2e} {rate:.2f} steps/s")
                 bar.update(task, completed=step, note=f"loss {ema:.4f}  held-out PSNR {held:.2f} dB")
                 if step % cfg.ckpt_every == 0:
@@ -369,6 +432,32 @@ def train(cfg: TrainConfig, progress: bool = True, log: Callable[[str], None] | 
     save(final=step >= cfg.steps)
     say(f"saved step {step} to {out} (held-out PSNR {held:.2f} dB){' — stopped early' if stop.requested else ''}")
     return out
+
+
+def parse_rate_points(text: str) -> tuple[list[str], list[float]]:
+    """"low:0.16,default:0.27" -> (["low", "default"], [0.16, 0.27]): operating points and target bpp."""
+    names, bpps = [], []
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        name, sep, value = item.partition(":")
+        try:
+            bpp = float(value)
+        except ValueError:
+            bpp = float("nan")
+        if not sep or not name.strip() or not bpp > 0 or not math.isfinite(bpp):
+            raise WsicodecError(f"--rate takes NAME:BPP pairs with positive bits per pixel, not {item!r}")
+        if name.strip() in names:
+            raise WsicodecError(f"--rate names {name.strip()!r} twice")
+        names.append(name.strip())
+        bpps.append(bpp)
+    if not names:
+        raise WsicodecError("--rate needs at least one NAME:BPP pair")
+    return names, bpps
+
+
+def _default_quality(qualities: list[str]) -> str:
+    return "default" if "default" in qualities else qualities[len(qualities) // 2]
 
 
 def _main_thread() -> bool:
