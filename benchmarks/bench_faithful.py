@@ -69,7 +69,9 @@ def measure(slide_path: Path, model, margin: int | None, halo: int | None, sourc
         if like[sl].size and not like[sl].any():
             glass_err.append(np.abs(restored[sl].astype(np.float32) - source[sl]).mean())
     keep = np.repeat(np.repeat(tissue, t, 0), t, 1)[:grid.height, :grid.width]
+    whole = _whole_image(model, c.quantizer, source, t, tissue, keep) if WHOLE else {}
     return {
+        **whole,
         "lost": loss["lost_fraction"], "worst": loss["worst_tile"],
         "glass_mae": float(np.mean(glass_err)) if glass_err else float("nan"),
         "edge": edge_interior_ratio(restored, source, t, tissue),
@@ -82,6 +84,23 @@ def measure(slide_path: Path, model, margin: int | None, halo: int | None, sourc
     }
 
 
+WHOLE = False  # --whole: also code the whole image in one piece with the same model and codebook
+
+
+def _whole_image(model, quantizer, source: np.ndarray, t: int, tissue: np.ndarray, keep: np.ndarray) -> dict:
+    """Edge/interior, seam and PSNR of coding the whole image at once (no tiles): the floor tiling can reach."""
+    from wsicodec.quality import edge_interior_ratio, error_seam_ratio, psnr
+
+    f = int(model.info.spatial_factor)
+    h, w = source.shape[:2]
+    padded = np.pad(source, ((0, -h % f), (0, -w % f), (0, 0)), mode="edge")
+    z = model.encode(padded[None])
+    decoded = model.decode(quantizer.dequantize(quantizer.quantize(z)))[0][:h, :w]
+    return {"whole_edge": edge_interior_ratio(decoded, source, t, tissue),
+            "whole_seam": error_seam_ratio(decoded, source, t, tissue),
+            "whole_psnr": psnr(decoded[keep], source[keep])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slides", type=Path, nargs="+",
@@ -91,7 +110,10 @@ def main() -> None:
     ap.add_argument("--halos", type=int, nargs="+", default=[None], help="default: the container's")
     ap.add_argument("--blends", type=int, nargs="+", default=[None], help="default: the container's")
     ap.add_argument("--source-mpp", type=float, default=0.5, help="for slides that record no resolution")
+    ap.add_argument("--whole", action="store_true", help="also code each slide whole, in one piece (the floor)")
     args = ap.parse_args()
+    global WHOLE
+    WHOLE = args.whole
 
     from wsicodec.errors import SlideError
     from wsicodec.models import load_model
@@ -124,6 +146,9 @@ def main() -> None:
                                   f"{m['glass_mae']:>6.2f} {m['edge']:>8.3f} {m['seam']:>6.3f} {m['psnr']:>6.2f} "
                                   f"{m['tiles']:>3}/{m['total']:<3} {m['bytes'] / 1e3:>7.0f} "
                                   f"{m['seconds'] / base:>5.2f}x {m['mpp']:>7.4f} {m['true_mpp']:>7.4f}", flush=True)
+                            if "whole_edge" in m:
+                                print(f"{'':<12} {'  whole image, same codebook':<38} {m['whole_edge']:>8.3f} "
+                                      f"{m['whole_seam']:>6.3f} {m['whole_psnr']:>6.2f}", flush=True)
 
 if __name__ == "__main__":
     main()

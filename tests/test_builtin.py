@@ -142,19 +142,32 @@ def test_packaged_weights_are_small_fp16():
 def test_packaged_default_reconstructs_he_tile_offline():
     ae = load_builtin(DEFAULT_MODEL_ID, "cpu")
     assert ae.info.model_id == DEFAULT_MODEL_ID
-    assert ae.info.spatial_factor == 8 and ae.info.latent_channels == 4
-    q = ae.info.config["default_quantizer"]
-    assert q["kind"] in ("uniform", "kmeans") and 2 <= q["levels"] <= 256
+    assert ae.info.spatial_factor == 8 and ae.info.latent_channels == 12
+    assert ae.operating_points() == ["low", "default", "high"]
+    assert ae.info.config["default_quantizer"] == {"kind": "rd", "quality": "default"}
     tiles = he_like_tiles(2, 256, seed=3)
     z = ae.encode(tiles)
-    assert z.shape == (2, 4, 32, 32)
+    assert z.shape == (2, 12, 32, 32)
+    psnrs = []
+    for quality in ae.operating_points():  # through each point's grid, as compress stores it
+        q = ae.operating_point_quantizer(quality)
+        psnrs.append(psnr_u8(tiles, ae.decode(q.dequantize(q.quantize(z)))))
+    assert psnrs[1] > 24.0 and psnrs[0] < psnrs[1] < psnrs[2]
+
+
+def test_packaged_v1_still_loads_and_reconstructs():
+    """0.2's default keeps shipping: its containers name it and must restore as they always did."""
+    ae = load_builtin(builtin.V1_MODEL_ID, "cpu")
+    assert ae.info.latent_channels == 4 and ae.operating_points() == []
+    assert ae.info.decoder_sha256 == "100f0e2abc6fe11573da812d7274e15679bf42699ab4dd2440dda96ed9c1158c"
+    q = ae.info.config["default_quantizer"]
+    assert q == {"kind": "uniform", "levels": 40}  # as packaged (model card)
+    tiles = he_like_tiles(2, 256, seed=3)
+    z = ae.encode(tiles)
     lo, hi = ae.info.latent_range
-    assert float(z.min()) >= lo and float(z.max()) <= hi
-    # through the default quantiser's uniform grid, as compress stores it
     step = (hi - lo) / (q["levels"] - 1)
     zq = torch.round((z - lo) / step) * step + lo
-    rec = ae.decode(zq)
-    assert psnr_u8(tiles, rec) > 24.0
+    assert psnr_u8(tiles, ae.decode(zq)) > 24.0
 
 
 def test_packaged_default_is_what_load_model_gives_without_a_name():

@@ -180,9 +180,12 @@ def test_cli_rate_option(tile_cache, tmp_path):
     args = ["train", "--data", str(tile_cache), "--out", str(out), "--steps", "2", "--batch-size", "2",
             "--crop", "32", "--lpips-weight", "0", "--threads", "1", "--eval-every", "2", "--checkpoint-every", "2",
             "--latent-channels", "4"]
-    r = runner.invoke(app, args + ["--rate", "low:0.2,default:0.4"])
+    r = runner.invoke(app, args + ["--rate", "low:0.2,default:0.4", "--arch", json.dumps(TINY)])
     assert r.exit_code == 0, r.output
     cfg = json.loads((out / "wsicodec-model.json").read_text())["config"]
     assert cfg["rd"]["qualities"] == ["low", "default"] and cfg["default_quantizer"]["kind"] == "rd"
+    assert cfg["dec_widths"] == TINY["dec_widths"]
+    r = runner.invoke(app, args[:4] + [str(tmp_path / "bad-arch")] + args[5:] + ["--arch", "[1]"])
+    assert r.exit_code != 0 and "JSON object" in r.output
     r = runner.invoke(app, args[:4] + [str(tmp_path / "bad")] + args[5:] + ["--rate", "low=0.2"])
     assert r.exit_code != 0 and "NAME:BPP" in r.output

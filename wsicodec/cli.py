@@ -508,6 +508,7 @@ def train(
     holdout: int = typer.Option(16, "--holdout", help="Tiles held out for the progress bar's PSNR."),
     seed: int = typer.Option(0, "--seed"),
     model_id: Optional[str] = typer.Option(None, "--model-id", help="Id recorded in containers (default local:<folder name>)."),
+    arch: Optional[str] = typer.Option(None, "--arch", metavar="JSON", help='Layer widths and block counts over the builtin defaults, e.g. \'{"dec_widths": [160, 64], "dec_blocks": [2, 2]}\' (docs/training.md).'),
     rate: Optional[str] = typer.Option(None, "--rate", metavar="NAME:BPP,...", help="Rate-distortion training: operating points and their target bits per pixel (the model's own entropy), e.g. default:0.27 or low:0.16,default:0.27,high:0.55. Replaces --levels-noise; docs/training.md."),
     extra_data: Optional[list[str]] = typer.Argument(None, hidden=True),
 ) -> None:
@@ -516,7 +517,8 @@ def train(
         from wsicodec.research.train import TrainConfig, parse_rate_points, train as run_training
 
         rd_names, rd_bpp = parse_rate_points(rate) if rate else (None, None)
-        cfg = TrainConfig(
+        arch_overrides = _json_object(arch, "--arch") if arch else {}
+        cfg = TrainConfig(arch=arch_overrides,
             data=list(data) + list(extra_data or []), out=out, steps=steps, batch_size=batch_size, crop=crop,
             lr=lr, warmup=warmup, latent_channels=latent_channels, factor=factor, levels_noise=levels_noise,
             lpips_weight=lpips_weight, mse_weight=mse_weight, gan_after=gan_after, gan_weight=gan_weight,
@@ -526,6 +528,18 @@ def train(
         )
         folder = run_training(cfg)
         typer.echo(f"model folder: {folder}  (use --model {folder})")
+
+
+def _json_object(text: str, option: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise WsicodecError(f"{option} takes a JSON object: {exc}") from None
+    if not isinstance(value, dict):
+        raise WsicodecError(f"{option} takes a JSON object, not {type(value).__name__}")
+    return value
 
 
 # ---------------------------------------------------------------- serve

@@ -37,8 +37,15 @@ from wsicodec.models.manifest import MANIFEST_NAME, write_manifest
 from wsicodec.models.spec import ModelSpec
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-DEFAULT_MODEL_ID = "wsicodec-base-f8c4-v1"
-BUILTIN_MODELS: dict[str, str] = {DEFAULT_MODEL_ID: "wsicodec-base-f8c4-v1.safetensors"}
+V1_MODEL_ID = "wsicodec-base-f8c4-v1"
+V2_MODEL_ID = "wsicodec-base-f8c12-v2"
+DEFAULT_MODEL_ID = V2_MODEL_ID
+BUILTIN_MODELS: dict[str, str] = {
+    V2_MODEL_ID: "wsicodec-base-f8c12-v2.safetensors",  # rate-distortion trained, operating points low/default/high
+    V1_MODEL_ID: "wsicodec-base-f8c4-v1.safetensors",  # release 0.1/0.2's default; its containers restore as ever
+}
+# latent shape (channels, factor) of each packaged model, for listings that must not load weights
+BUILTIN_SHAPES: dict[str, tuple[int, int]] = {V2_MODEL_ID: (12, 8), V1_MODEL_ID: (4, 8)}
 WEIGHTS_NAME = "model.safetensors"
 MODEL_CLASS = "wsicodec.BuiltinCodec"
 
@@ -55,7 +62,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "bound": 3.0,
     # what compress uses unless told otherwise; chosen by measuring stored bytes and fidelity
     "default_quantizer": {"kind": "uniform", "levels": 64},
-}
+}  # v1's shape, also `wsicodec train`'s starting point; v2 is DEFAULT_CONFIG + the "arch" of its model card
 
 
 class ResBlock(nn.Module):
@@ -376,11 +383,11 @@ def param_count(net: nn.Module) -> int:
 def _specs() -> list[ModelSpec]:
     specs = []
     for model_id in BUILTIN_MODELS:
-        cfg = DEFAULT_CONFIG if model_id == DEFAULT_MODEL_ID else {}
+        channels, factor = BUILTIN_SHAPES.get(model_id, (0, 0))
         specs.append(ModelSpec(
-            model_id, "builtin", int(cfg.get("latent_channels", 0)), int(cfg.get("factor", 0)), (-1.0, 1.0),
-            description="wsicodec's own model (default)" if model_id == DEFAULT_MODEL_ID
-            else "wsicodec's own model",
+            model_id, "builtin", channels, factor, (-1.0, 1.0),
+            description="wsicodec's own model, rate-distortion trained, --quality low|default|high (default)"
+            if model_id == DEFAULT_MODEL_ID else "wsicodec's own model (0.2's default)",
             licence="Apache-2.0 (trained on permissively licensed data)",
         ))
     return specs

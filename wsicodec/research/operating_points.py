@@ -32,7 +32,7 @@ def _latents(net: CodecNet, tiles: np.ndarray, batch: int = 16) -> torch.Tensor:
     net.eval()
     out = []
     for i in range(0, len(tiles), batch):
-        x = torch.from_numpy(np.ascontiguousarray(tiles[i:i + batch])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = torch.from_numpy(np.array(tiles[i:i + batch])).permute(0, 3, 1, 2).float() / 127.5 - 1
         out.append(net.encoder(x))
     return torch.cat(out)
 
@@ -75,8 +75,8 @@ def derive_operating_points(net: CodecNet, tiles: np.ndarray, targets_bytes: dic
     order = sorted(points, key=lambda n: points[n][1])
     cfg = dict(net.config)
     cfg["rd"] = {**rd, "qualities": order, "default": rd.get("default", trained),
-                 "derived": {n: {"step_scale": round(math.exp(points[n][0]), 6), "bytes_per_tile": round(points[n][1], 1)}
-                             for n in order if n != trained}}
+                 "bytes_per_tile": {n: round(points[n][1], 1) for n in order},
+                 "derived": {n: {"step_scale": round(math.exp(points[n][0]), 6)} for n in order if n != trained}}
     out = CodecNet(cfg)
     state = {k: v for k, v in net.state_dict().items() if not k.startswith("rate.")}
     out.load_state_dict(state, strict=False)
