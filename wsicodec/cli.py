@@ -95,6 +95,7 @@ def compress(
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Batch: worker processes, each loading the model once; default one per GPU with CUDA, else 1."),
     retries: int = typer.Option(0, "--retries", min=0, help="Batch: retry a slide's failures this many times (input errors are never retried)."),
     ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help="Batch: run each slide as a Ray task: 'local' (a private cluster on this machine), 'auto', or ray://HOST:10001. Needs pip install \"wsicodec[ray]\"."),
+    force_name: bool = typer.Option(False, "--force-name", help="Write the container under a name that does not end in .pzarr (or .pzarr.zip with --single-file)."),
 ) -> None:
     """Compress a slide into a .pzarr container, or a batch of slides into a folder (resumable)."""
     import json
@@ -123,6 +124,7 @@ def compress(
     with _user_errors():
         if ray is not None:
             raise WsicodecError("--ray runs batches: give an output folder (OUT/) as the last argument")
+        _check_container_name(out, single_file, force_name)
         summary = run(slide, out, model=model, quant=quant, levels=levels, target_mpp=mpp, source_mpp=source_mpp,
                       all_tiles=all_tiles, batch_size=batch_size, device=device, read_workers=workers,
                       tissue_threshold=tissue_threshold, encode_margin=encode_margin, overwrite=overwrite, single_file=single_file,
@@ -131,6 +133,16 @@ def compress(
         typer.echo(json.dumps(summary.to_json(), indent=2))
     else:
         typer.echo(summary.line())
+
+
+def _check_container_name(out: Path, single_file: bool, force_name: bool) -> None:
+    """`compress s.svs x.tiff` would write a container named like a TIFF: refuse unless --force-name."""
+    name = out.name.lower().rstrip("/")
+    allowed = (".pzarr", ".pzarr.zip") if single_file else (".pzarr",)
+    if force_name or name.endswith(allowed):
+        return
+    raise WsicodecError(f"{out.name}: a container's name ends in {' or '.join(allowed)} (e.g. "
+                        f"{out.name.split('.')[0] or 'slide'}{allowed[0]}); pass --force-name to use this one")
 
 
 @app.command()
@@ -142,7 +154,8 @@ def verify(
     device: Optional[str] = typer.Option(None, "--device", help="Device for --decode."),
     json_out: bool = typer.Option(False, "--json", help="One JSON report per container."),
 ) -> None:
-    """Check containers: structure, completeness and every checksum. Exit 0 only if all are intact."""
+    """Check containers: structure, completeness and every checksum. Exit 0 only if all are intact (and
+    with --source, that slide is the one the container was made from)."""
     import json
 
     from wsicodec.pipeline.verify import verify_container
@@ -159,12 +172,14 @@ def verify(
             {"where": "path", "what": s.reason}]} for s in skipped], indent=2))
     else:
         for r in reports:
-            if r.ok:
+            if r.intact:  # the container is sound; a --source that differs is reported on its own line
                 how = "every byte checked" if r.checksummed else "structure only: format 1.0 has no checksums"
                 extra = f", {r.tiles_decoded} tiles decoded" if decode else ""
-                typer.echo(f"ok: {r.path} ({how}{extra})")
+                typer.echo(f"{'ok' if r.ok else 'intact'}: {r.path} ({how}{extra})")
             for p in r.problems:
                 typer.echo(f"damaged: {r.path}: {p.line()}")
+            for p in r.source_problems:
+                typer.echo(f"{p.where}: {r.path}: {p.what}")
         for s in skipped:
             typer.echo(f"error: {s.path}: {s.reason}")
     if bad or skipped or not reports:
@@ -245,7 +260,7 @@ def models_(json_out: bool = typer.Option(False, "--json")) -> None:
 # ---------------------------------------------------------------- restore
 @app.command()
 def restore(
-    paths: list[str] = typer.Argument(..., metavar="CONTAINER", help="A .pzarr container and the output: a pyramidal .tiff/.svs, or with --region any image (.png, .tif, .jpg); or a batch: containers or folders of them, then the output folder (docs/batch.md)."),
+    paths: list[str] = typer.Argument(..., metavar="CONTAINER", help="A .pzarr container and the output: a pyramidal .tiff/.tif/.svs; a .png/.jpg holds the whole slide when it is small (at most 40 Mpx), or one region with --region; with --format dicom, a folder. Or a batch: containers or folders of them, then the output folder (docs/batch.md)."),
     region: Optional[tuple[int, int, int, int]] = typer.Option(
         None, "--region", metavar="X Y W H",
         help="Restore only this region: X Y in level-0 pixels of the archived resolution, W H in pixels of --level."),
