@@ -132,7 +132,8 @@ class RestoreResult:
 
     def line(self) -> str:
         levels = " ".join(f"{w}x{h}" for w, h in self.levels)
-        return (f"wrote {self.output}: levels {levels}, {self.decoded_tiles} tiles decoded, "
+        tiles = f"{self.decoded_tiles} tile{'' if self.decoded_tiles == 1 else 's'}"
+        return (f"wrote {self.output}: levels {levels}, {tiles} decoded, "
                 f"{self.bytes / 2**20:.1f} MiB in {self.seconds:.1f} s")
 
 
