@@ -396,6 +396,10 @@ def restore(
     retries: int = typer.Option(0, "--retries", min=0, help="Batch: retry a container's failures this many times (input errors are never retried)."),
     ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help="Batch: run each container as a Ray task: 'local', 'auto' or ray://HOST:10001."),
     suffix: str = typer.Option(".tiff", "--suffix", help="Batch: the outputs' suffix, OUT/<name><suffix> (.tiff or .svs)."),
+    patient_id: Optional[str] = typer.Option(None, "--patient-id", metavar="ID", help="DICOM: the PatientID to file the slide under."),
+    accession: Optional[str] = typer.Option(None, "--accession", metavar="NUMBER", help="DICOM: the AccessionNumber of the order."),
+    study_uid: Optional[str] = typer.Option(None, "--study-uid", metavar="UID", help="DICOM: put the slide into this existing study (default: a UID derived from the container)."),
+    dicom_attrs_file: Optional[Path] = typer.Option(None, "--dicom-attrs", metavar="JSON", help="DICOM: a JSON file of patient/study attributes by keyword, e.g. {\"PatientName\": \"Doe^Jane\", \"PatientBirthDate\": \"19700101\"} (docs/dicom.md); the options above win."),
 ) -> None:
     """Restore a viewable pyramidal TIFF (or a region) from a .pzarr container, or a batch into a folder."""
     # the package's own `restore` function shadows the module name: import the functions
@@ -432,6 +436,10 @@ def restore(
             raise WsicodecError("--format dicom restores the whole slide; --region writes one image, not DICOM")
         if fmt == "dicom" and compression != "jpeg":
             raise WsicodecError("--format dicom writes JPEG baseline tiles; --compression applies to TIFF only")
+        dicom_attrs = _dicom_attrs(dicom_attrs_file, patient_id, accession, study_uid)
+        if dicom_attrs and fmt != "dicom":
+            raise WsicodecError("--patient-id, --accession, --study-uid and --dicom-attrs go into DICOM: "
+                                "add --format dicom")
         if region is not None:
             x, y, w, h = region
             _restore_region(container, out, x, y, w, h, level=level, device=device, batch_size=batch_size,
@@ -440,8 +448,26 @@ def restore(
             return
         summary = _restore_tiff(container, out, compression=compression, quality=quality, device=device,
                                 batch_size=batch_size, model=model, force=force, overwrite=overwrite,
-                                progress=not quiet, format=fmt)
+                                progress=not quiet, format=fmt, dicom_attrs=dicom_attrs or None)
     typer.echo(summary.line())
+
+
+def _dicom_attrs(path: Optional[Path], patient_id, accession, study_uid) -> dict:
+    """--dicom-attrs FILE, then --patient-id / --accession / --study-uid over it (validated when written)."""
+    import json
+
+    attrs: dict = {}
+    if path is not None:
+        try:
+            attrs = json.loads(Path(path).read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise WsicodecError(f"--dicom-attrs {path}: not JSON ({exc})") from None
+        if not isinstance(attrs, dict):
+            raise WsicodecError(f"--dicom-attrs {path}: must hold a JSON object of DICOM keywords and values")
+    for key, value in (("PatientID", patient_id), ("AccessionNumber", accession), ("StudyInstanceUID", study_uid)):
+        if value is not None:
+            attrs[key] = value
+    return attrs
 
 
 # ---------------------------------------------------------------- stats

@@ -152,6 +152,7 @@ def restore(
     halo: int | None = None,
     blend: int | None = None,
     format: str = "tiff",
+    dicom_attrs: dict[str, str] | None = None,
     _model_obj=None,
 ) -> RestoreResult:
     """Restore a pyramidal Aperio-layout BigTIFF from a .pzarr container; with ``format="dicom"`` a DICOM
@@ -159,14 +160,19 @@ def restore(
 
     The output's name is honoured: ``.tif``/``.tiff``/``.svs`` get the pyramid; an image name (``.png``,
     ``.jpg``, ...) gets level 0 as that one image when it holds at most :data:`WHOLE_IMAGE_MAX_PIXELS`
-    pixels, and is refused otherwise. ``progress=True`` shows a progress bar on stderr."""
+    pixels, and is refused otherwise. ``progress=True`` shows a progress bar on stderr. ``dicom_attrs``
+    (DICOM only): patient and study attributes by keyword (``PatientID``, ``AccessionNumber``,
+    ``StudyInstanceUID``, ...; :data:`wsicodec.pipeline.dicom.PATIENT_STUDY_KEYWORDS`)."""
     out_path = Path(out_path)
     if format not in RESTORE_FORMATS:
         raise WsicodecError(f"unknown format {format!r}; choose one of {', '.join(RESTORE_FORMATS)}")
     if format == "dicom":
         return _restore_dicom(container_path, out_path, quality=quality, device=device, batch_size=batch_size,
                               model=model, force=force, overwrite=overwrite, progress=progress, halo=halo,
-                              blend=blend, _model_obj=_model_obj)
+                              blend=blend, attrs=dicom_attrs or {}, _model_obj=_model_obj)
+    if dicom_attrs:
+        raise WsicodecError("patient and study attributes (--patient-id, --accession, --study-uid, --dicom-attrs) "
+                            "go into DICOM: add --format dicom")
     if compression not in COMPRESSIONS:
         raise WsicodecError(f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)}")
     if not 1 <= int(quality) <= 100:
@@ -256,17 +262,20 @@ def _check_dicom_output(container_path: str | os.PathLike, out_path: Path, overw
 
 
 def _restore_dicom(container_path, out_path: Path, *, quality: int, device, batch_size: int, model, force: bool,
-                   overwrite: bool, progress: bool, halo, blend, _model_obj) -> RestoreResult:
-    from wsicodec.pipeline.dicom import _pydicom, dicom_info, write_dicom_wsi
+                   overwrite: bool, progress: bool, halo, blend, attrs: dict, _model_obj) -> RestoreResult:
+    from wsicodec.pipeline.dicom import _pydicom, check_dicom_attrs, dicom_info, write_dicom_wsi
 
     if not 1 <= int(quality) <= 100:
         raise WsicodecError(f"--quality must be between 1 and 100, got {quality}")
     _pydicom()  # fail before decoding anything when pydicom is missing
+    attrs = check_dicom_attrs(attrs)
     _check_dicom_output(container_path, out_path, overwrite)
 
     def write(strips, container, tile_size, associated, on_level):
+        info = dicom_info(container)
+        info.attrs, info.quality = attrs, int(quality)
         return write_dicom_wsi(out_path, strips, int(container.grid.width), int(container.grid.height),
-                               dicom_info(container), tile_size=tile_size, associated=associated, quality=quality,
+                               info, tile_size=tile_size, associated=associated, quality=quality,
                                on_level=on_level, overwrite=overwrite)
 
     return _decode_and_write(container_path, out_path, write, device=device, batch_size=batch_size, model=model,
