@@ -45,6 +45,13 @@ def _aperio_info(container) -> AperioInfo:
         name = source.get("name") or source.get("file_name") or source.get("filename")
         if name:
             extra["Filename"] = str(name)
+        # provenance: when and on what the source was scanned, as Aperio names it (OpenSlide: aperio.Date, ...)
+        props = source.get("properties") or {}
+        for key in ("Date", "Time", "ScanScope ID"):
+            if props.get(f"aperio.{key}"):
+                extra[key] = str(props[f"aperio.{key}"])
+        if props.get("openslide.vendor"):
+            extra["SourceVendor"] = str(props["openslide.vendor"])
     extra["ArchivedMPP"] = f"{float(getattr(grid, 'actual_mpp', mpp)):.4f}"
     model = getattr(container, "model", {}) or {}
     if model.get("id"):
