@@ -317,10 +317,105 @@ def test_cli_writes_and_overwrites(case, tmp_path):
     first = pydicom.dcmread(out / "level-0.dcm").SOPInstanceUID
     r = _run(case["container"], out, "--format", "dicom", "--device", "cpu", "--quiet", "--overwrite")
     assert r.exit_code == 0, r.output
-    assert pydicom.dcmread(out / "level-0.dcm").SOPInstanceUID != first
+    # the same container and options: the same SOP Instance UID (a PACS sees the same object again)
+    assert pydicom.dcmread(out / "level-0.dcm").SOPInstanceUID == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
     # --overwrite replaces only a folder of DICOM files
     (out / "notes.txt").write_text("mine")
     r = _run(case["container"], out, "--format", "dicom", "--device", "cpu", "--quiet", "--overwrite")
     _assert_one_line_error(r, "other than .dcm")
     assert (out / "notes.txt").is_file()
+
+
+# ------------------------------------------------------------------ PACS-ready: identifiers, UIDs, optics
+def _uids(folder: Path) -> dict[str, tuple[str, str, str]]:
+    return {name: (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+            for name, ds in _instances(folder).items()}
+
+
+def test_two_restores_give_the_same_uids_and_options_change_them(case, tmp_path):
+    attrs = tmp_path / "attrs.json"
+    attrs.write_text('{"PatientName": "Doe^Jane", "PatientBirthDate": "19700101", "PatientSex": "F", '
+                     '"StudyDescription": "skin excision", "PatientID": "overridden"}')
+    args = ["--format", "dicom", "--device", "cpu", "--quiet", "--patient-id", "P-123", "--accession", "A-9",
+            "--dicom-attrs", attrs]
+    for name in ("a", "b"):
+        r = _run(case["container"], tmp_path / name, *args)
+        assert r.exit_code == 0, r.output
+    first, second = _uids(tmp_path / "a"), _uids(tmp_path / "b")
+    assert first == second and len(first) == len(case["result"].levels) + 2
+    assert len({sop for _, _, sop in first.values()}) == len(first)
+    for study, series, sop in first.values():
+        for uid in (study, series, sop):
+            assert uid.startswith("2.25.") and pydicom.uid.UID(uid).is_valid and len(uid) <= 64
+    ds = pydicom.dcmread(tmp_path / "a" / "level-0.dcm")
+    assert (ds.PatientID, ds.AccessionNumber) == ("P-123", "A-9")  # the options win over the file
+    assert (str(ds.PatientName), ds.PatientBirthDate, ds.PatientSex) == ("Doe^Jane", "19700101", "F")
+    assert ds.StudyDescription == "skin excision"
+    # other options, other series and instances (the study follows the patient/study attributes)
+    r = _run(case["container"], tmp_path / "c", *args, "--quality", "80")
+    assert r.exit_code == 0, r.output
+    third = _uids(tmp_path / "c")
+    assert {s[0] for s in third.values()} == {s[0] for s in first.values()}
+    assert not {s[1] for s in third.values()} & {s[1] for s in first.values()}
+    assert not {s[2] for s in third.values()} & {s[2] for s in first.values()}
+    # another container (another write of the same slide): other UIDs throughout
+    study_uid = "1.2.826.0.1.3680043.8.498.12345"
+    r = _run(case["container"], tmp_path / "d", "--format", "dicom", "--device", "cpu", "--quiet",
+             "--study-uid", study_uid)
+    assert r.exit_code == 0, r.output
+    assert {s[0] for s in _uids(tmp_path / "d").values()} == {study_uid}
+
+
+def test_objective_power_burned_in_label_and_pixel_spacing(case):
+    instances = _instances(case["out"])
+    for name, ds in instances.items():
+        assert float(ds.OpticalPathSequence[0].ObjectiveLensPower) == 20, name
+        assert ds.BurnedInAnnotation == ds.SpecimenLabelInImage, name
+        spacing = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+        assert all(float(v) > 0 for v in spacing), name
+        assert ds.ImagedVolumeWidth > 0 and ds.ImagedVolumeHeight > 0, name
+    assert instances["overview.dcm"].BurnedInAnnotation == "YES"
+    assert instances["label.dcm"].BurnedInAnnotation == "YES"
+    assert instances["level-0.dcm"].BurnedInAnnotation == "NO"
+    # the overview is taken as the whole 76 mm slide
+    overview = instances["overview.dcm"]
+    assert overview.ImagedVolumeWidth == pytest.approx(76.0)
+
+
+def test_wsidicom_reads_label_and_overview(case):
+    wsidicom = pytest.importorskip("wsidicom")
+    with wsidicom.WsiDicom.open(case["out"]) as slide:
+        assert slide.read_label().size[0] > 0 and slide.read_overview().size[0] > 0
+        mpp = slide.levels.base_level.mpp
+        assert mpp.width == pytest.approx(0.5, rel=0.02)
+
+
+def test_openslide_reports_the_objective_power(case):
+    openslide = pytest.importorskip("openslide")
+    if "dicom" not in (openslide.OpenSlide.detect_format(str(case["out"] / "level-0.dcm")) or ""):
+        pytest.skip(f"this OpenSlide ({openslide.__library_version__}) has no DICOM driver")
+    with openslide.OpenSlide(str(case["out"] / "level-0.dcm")) as s:
+        assert float(s.properties[openslide.PROPERTY_NAME_OBJECTIVE_POWER]) == 20
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--study-uid", "1.2.abc"], "not a valid"),
+    (["--patient-id", "x" * 80], "PatientID"),
+    (["--dicom-attrs", "{bad}"], "JSON"),
+    (["--dicom-attrs", '{"Rows": "3"}'], "Rows"),
+])
+def test_cli_refuses_bad_patient_and_study_attributes(case, tmp_path, args, needle):
+    if args[0] == "--dicom-attrs":
+        f = tmp_path / "attrs.json"
+        f.write_text(args[1])
+        args = ["--dicom-attrs", f]
+    out = tmp_path / "o"
+    _assert_one_line_error(_run(case["container"], out, "--format", "dicom", "--quiet", *args), needle)
+    assert not out.exists()
+
+
+def test_patient_options_need_dicom(case, tmp_path):
+    out = tmp_path / "o.tiff"
+    _assert_one_line_error(_run(case["container"], out, "--patient-id", "P1", "--quiet"), "--format dicom")
+    assert not out.exists()

@@ -370,3 +370,18 @@ def test_blending_is_the_same_on_demand_and_streamed_and_smooths_borders(tiny_co
     r, col = map(int, np.argwhere(c.tissue)[0])
     inner = np.s_[r * 256 + 8:(r + 1) * 256 - 8, col * 256 + 8:(col + 1) * 256 - 8]
     np.testing.assert_array_equal(streamed[inner], exact[inner])  # only the 2 x 8 px bands change
+
+
+def test_tiff_description_carries_the_scan_date_and_scanner(tiny_container, tmp_path):
+    """The source's scan provenance survives the archive: OpenSlide reads it back from the restored TIFF."""
+    from wsicodec.format.container import Container
+
+    props = Container.open(tiny_container).attrs["source"]["properties"]
+    assert props["aperio.ScanScope ID"] == "WSICODEC-SYNTHETIC"
+    out = tmp_path / "p.tiff"
+    restore(tiny_container, out, device="cpu")
+    with openslide.OpenSlide(str(out)) as s:
+        assert s.properties["aperio.ScanScope ID"] == "WSICODEC-SYNTHETIC"
+        assert s.properties["aperio.SourceVendor"] == "aperio"
+        for key in ("aperio.Date", "aperio.Time"):
+            assert s.properties.get(key) == props.get(key)

@@ -237,7 +237,7 @@ def test_extrapolation_interval_is_t_based_and_exact_when_everything_is_measured
 
 
 def test_help_states_the_default_price_and_its_tier():
-    text = run_cli("stats", "--help").stdout
+    text = " ".join(run_cli("stats", "--help").stdout.split())  # help wraps at the terminal's width
     assert f"{st.DEFAULT_PRICE_PER_TB_MONTH:g}" in text and "S3 Standard" in text
 
 

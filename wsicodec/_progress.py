@@ -11,10 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 
-def progress_bar(enabled: bool = True, *, unit: str = "tiles", transient: bool = False, stderr: bool = False,
-                 terminal_only: bool = False) -> Any:
-    """A ``rich.progress.Progress``; prints nothing when ``enabled`` is false (or, with ``terminal_only``,
-    when the console is not a terminal, so logs and pipes stay clean)."""
+def progress_bar(enabled: bool = True, *, unit: str = "tiles", transient: bool = False, stderr: bool = True,
+                 terminal_only: bool = True) -> Any:
+    """A ``rich.progress.Progress`` on stderr, never stdout (``wsicodec ... > out.txt`` or a pipe gets the
+    results alone); prints nothing when ``enabled`` is false or (``terminal_only``, the default) when stderr
+    is not a terminal, so logs stay clean. ``stderr`` is accepted for old callers; the bar is always on stderr."""
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
@@ -32,8 +33,8 @@ def progress_bar(enabled: bool = True, *, unit: str = "tiles", transient: bool =
         def render(self, task: Any) -> Text:
             return Text(str(task.fields.get("note", "")))
 
-    console = Console(stderr=True) if stderr else None
-    show = enabled and (not terminal_only or (console or Console()).is_terminal)
+    console = Console(stderr=True)
+    show = enabled and (not terminal_only or console.is_terminal)
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     AverageRate(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), Note(),
                     console=console, disable=not show, transient=transient)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import typing
 import zipfile
 import zlib
 from contextlib import contextmanager
@@ -18,15 +19,85 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperOption
 
 from wsicodec.errors import WsicodecError
 from wsicodec.quant.quantizer import KINDS, kinds_help
 
+# Help is plain text (click's formatter, not rich): it wraps at the terminal's width (at most 80 columns), shows
+# `pip install "wsicodec[viewer]"` literally (rich markup would swallow "[viewer]") and works the same piped.
+_METAVARS = {"model": "NAME|DIR", "device": "DEVICE", "quant": "KIND", "fmt": "tiff|dicom", "compression": "CODEC",
+             "suffix": "SUFFIX", "host": "ADDRESS", "fm": "NAMES", "embedder": "NAME", "jpeg": "QUALITIES"}
+
+
+def _metavar(param: TyperOption) -> str:
+    """A plain metavar for an option's value: N, NUMBER, PATH, TEXT (typer would write <int range>)."""
+    if param.name in _METAVARS:
+        return _METAVARS[param.name]
+    kind = param.type_descriptor.annotation
+    if typing.get_origin(kind) is list:
+        kind = typing.get_args(kind)[0]
+    return {int: "N", float: "NUMBER", Path: "PATH"}.get(kind, "TEXT")
+
+
+class _Argument(TyperArgument):
+    """An argument shown by its name alone: `INPUT...` (typer writes `INPUT <list[str]>` and `{INPUT}...`)."""
+
+    @property
+    def display_name_raw(self) -> str:
+        return self.metavar or (self.name or "").upper()
+
+    def display_type_rich(self, ctx) -> None:
+        return None
+
+    def get_usage_pieces(self, ctx) -> list[str]:
+        return [] if self.hidden else [self._usage_display_name()]
+
+    def _usage_display_name(self) -> str:
+        name = self.display_name_raw if self.required else f"[{self.display_name_raw}]"
+        return name + ("..." if self.nargs != 1 else "")
+
+
+class _Command(TyperCommand):
+    """Every command: plain metavars, and the whole first paragraph of its help in `wsicodec --help`'s list
+    (click would cut it at 45 characters with "...")."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if isinstance(param, TyperArgument):
+                param.__class__ = _Argument
+            elif isinstance(param, TyperOption) and not param.is_flag and param.metavar is None:
+                param.metavar = _metavar(param)
+
+    def get_short_help_str(self, limit: int = 45) -> str:
+        if self.short_help:
+            return self.short_help
+        return " ".join((self.help or "").split("\n\n")[0].split())
+
+
 app = typer.Typer(
     add_completion=False,
+    rich_markup_mode=None,
     no_args_is_help=True,
     help="Archive whole-slide images as quantised autoencoder latents (.pzarr) and restore them.",
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from wsicodec._version import __version__
+
+        typer.echo(f"wsicodec {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                 help="Print the version and exit."),
+) -> None:
+    """Archive whole-slide images as quantised autoencoder latents (.pzarr) and restore them."""
 
 
 class _Terminated(KeyboardInterrupt):
@@ -73,7 +144,7 @@ def _user_errors():
 
 
 # ---------------------------------------------------------------- compress / info
-@app.command()
+@app.command(cls=_Command)
 def compress(
     paths: list[str] = typer.Argument(..., metavar="INPUT", help="A slide and its container (slide.svs slide.pzarr); or a batch: slides, folders (searched recursively; a folder of .dcm files is one DICOM slide) and .csv/.txt manifests, then the output folder (docs/batch.md)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Registry name or local model folder; default: the builtin model. See `wsicodec models`."),
@@ -96,6 +167,7 @@ def compress(
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Batch: worker processes, each loading the model once; default one per GPU with CUDA, else 1."),
     retries: int = typer.Option(0, "--retries", min=0, help="Batch: retry a slide's failures this many times (input errors are never retried)."),
     ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help="Batch: run each slide as a Ray task: 'local' (a private cluster on this machine), 'auto', or ray://HOST:10001. Needs pip install \"wsicodec[ray]\"."),
+    force_name: bool = typer.Option(False, "--force-name", help="Write the container under a name that does not end in .pzarr (or .pzarr.zip with --single-file)."),
 ) -> None:
     """Compress a slide into a .pzarr container, or a batch of slides into a folder (resumable)."""
     import json
@@ -124,6 +196,7 @@ def compress(
     with _user_errors():
         if ray is not None:
             raise WsicodecError("--ray runs batches: give an output folder (OUT/) as the last argument")
+        _check_container_name(out, single_file, force_name)
         summary = run(slide, out, model=model, quant=quant, levels=levels, quality=quality, target_mpp=mpp,
                       source_mpp=source_mpp,
                       all_tiles=all_tiles, batch_size=batch_size, device=device, read_workers=workers,
@@ -135,7 +208,17 @@ def compress(
         typer.echo(summary.line())
 
 
-@app.command()
+def _check_container_name(out: Path, single_file: bool, force_name: bool) -> None:
+    """`compress s.svs x.tiff` would write a container named like a TIFF: refuse unless --force-name."""
+    name = out.name.lower().rstrip("/")
+    allowed = (".pzarr", ".pzarr.zip") if single_file else (".pzarr",)
+    if force_name or name.endswith(allowed):
+        return
+    raise WsicodecError(f"{out.name}: a container's name ends in {' or '.join(allowed)} (e.g. "
+                        f"{out.name.split('.')[0] or 'slide'}{allowed[0]}); pass --force-name to use this one")
+
+
+@app.command(cls=_Command)
 def verify(
     paths: list[Path] = typer.Argument(..., help="Containers, or folders to search for them."),
     decode: bool = typer.Option(False, "--decode", help="Also decode every tile with the container's model."),
@@ -144,7 +227,8 @@ def verify(
     device: Optional[str] = typer.Option(None, "--device", help="Device for --decode."),
     json_out: bool = typer.Option(False, "--json", help="One JSON report per container."),
 ) -> None:
-    """Check containers: structure, completeness and every checksum. Exit 0 only if all are intact."""
+    """Check containers: structure, completeness and every checksum. Exit 0 only if all are intact (and
+    with --source, that slide is the one the container was made from)."""
     import json
 
     from wsicodec.pipeline.verify import verify_container
@@ -161,19 +245,21 @@ def verify(
             {"where": "path", "what": s.reason}]} for s in skipped], indent=2))
     else:
         for r in reports:
-            if r.ok:
+            if r.intact:  # the container is sound; a --source that differs is reported on its own line
                 how = "every byte checked" if r.checksummed else "structure only: format 1.0 has no checksums"
                 extra = f", {r.tiles_decoded} tiles decoded" if decode else ""
-                typer.echo(f"ok: {r.path} ({how}{extra})")
+                typer.echo(f"{'ok' if r.ok else 'intact'}: {r.path} ({how}{extra})")
             for p in r.problems:
                 typer.echo(f"damaged: {r.path}: {p.line()}")
+            for p in r.source_problems:
+                typer.echo(f"{p.where}: {r.path}: {p.what}")
         for s in skipped:
             typer.echo(f"error: {s.path}: {s.reason}")
     if bad or skipped or not reports:
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(cls=_Command)
 def info(
     container: Path = typer.Argument(..., help="A .pzarr container."),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
@@ -200,26 +286,53 @@ def info(
         raise typer.Exit(1)
 
 
+def _info_value(key: str, value):
+    """One value of `info`'s tree as a person reads it: sizes in KB/MB, resolutions in µm/px, ratios as ×,
+    other floats to 4 significant digits (--json keeps the exact numbers)."""
+    from wsicodec.stats.report import human_bytes
+
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, (int, float)):
+        if key.endswith("bytes") or key in ("size", "bytes_per_tissue_tile"):
+            return f"{human_bytes(value)} ({int(value):,} bytes)" if value >= 1000 else f"{int(value)} bytes"
+        if key.endswith("mpp"):
+            return f"{value:.4g} µm/px"
+        if key == "ratio":
+            return f"{value:.1f}×"
+        if key.endswith("objective_power"):
+            return f"{value:g}×"
+        if key.endswith("_px"):
+            return f"{value:g} px"
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return value
+    if isinstance(value, list) and any(isinstance(v, float) for v in value):
+        return "[" + ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in value) + "]"
+    return value
+
+
 def _print_tree(description: dict) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.tree import Tree
 
     def add(node: Tree, value) -> None:
         for key, item in value.items():
             if isinstance(item, dict):
                 if item:
-                    add(node.add(f"[bold]{key}[/bold]"), item)
+                    add(node.add(f"[bold]{escape(str(key))}[/bold]"), item)
             elif isinstance(item, list) and len(item) > 8:
-                node.add(f"{key}: [{len(item)} values]")
+                node.add(f"{escape(str(key))}: {len(item)} values")
             else:
-                node.add(f"{key}: {item}")
+                node.add(escape(f"{key}: {_info_value(str(key), item)}"))
 
     tree = Tree("[bold].pzarr container[/bold]")
     add(tree, {k: v for k, v in description.items() if k != "properties"})
     Console().print(tree)
 
 
-@app.command("models")
+@app.command("models", cls=_Command)
 def models_(json_out: bool = typer.Option(False, "--json")) -> None:
     """List the autoencoders wsicodec knows and whether their weights are available offline."""
     import json
@@ -231,23 +344,43 @@ def models_(json_out: bool = typer.Option(False, "--json")) -> None:
     if json_out:
         typer.echo(json.dumps(rows, indent=2, default=str))
         return
+    from rich import box
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table()
-    for name in ("id", "f", "c", "offline", "class", "source"):
-        table.add_column(name, no_wrap=True)
-    table.add_column("description")
+    console = Console()
+    table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), caption="f: pixels per latent cell; c: latent channels")
+    wide = console.width >= 140
+    if wide:
+        for name in ("id", "f", "c", "offline", "class", "source"):
+            table.add_column(name, overflow="fold", justify="right" if name in ("f", "c") else "left")
+        table.add_column("description", overflow="fold", ratio=1)
+    else:
+        # 80 columns: each model takes a few lines (description under its id, source under its class) so that
+        # ids and numbers stay whole and nothing is cut
+        table.add_column("model", overflow="fold", ratio=3, min_width=21)
+        table.add_column("f", justify="right", no_wrap=True)
+        table.add_column("c", justify="right", no_wrap=True)
+        table.add_column("offline", no_wrap=True)
+        table.add_column("class / source", overflow="fold", ratio=2)
     for row in rows:
-        table.add_row(row["id"], str(row["f"]), str(row["c"]), "yes" if row["offline"] else "no", row["class"],
-                      str(row["source"]), row["description"])
-    Console().print(table)
+        cells = [str(row["id"]), str(row["f"]), str(row["c"]), "yes" if row["offline"] else "no", str(row["class"]),
+                 str(row["source"]), str(row["description"])]
+        if wide:
+            table.add_row(*map(Text, cells))
+        else:
+            model = Text(cells[0], style="bold")
+            model.append("\n" + cells[6], style="dim")
+            table.add_row(model, Text(cells[1]), Text(cells[2]), Text(cells[3]), Text(f"{cells[4]}\n{cells[5]}"))
+            table.add_section()
+    console.print(table)
 
 
 # ---------------------------------------------------------------- restore
-@app.command()
+@app.command(cls=_Command)
 def restore(
-    paths: list[str] = typer.Argument(..., metavar="CONTAINER", help="A .pzarr container and the output: a pyramidal .tiff/.svs, or with --region any image (.png, .tif, .jpg); or a batch: containers or folders of them, then the output folder (docs/batch.md)."),
+    paths: list[str] = typer.Argument(..., metavar="CONTAINER", help="A .pzarr container and the output: a pyramidal .tiff/.tif/.svs; a .png/.jpg holds the whole slide when it is small (at most 40 Mpx), or one region with --region; with --format dicom, a folder. Or a batch: containers or folders of them, then the output folder (docs/batch.md)."),
     region: Optional[tuple[int, int, int, int]] = typer.Option(
         None, "--region", metavar="X Y W H",
         help="Restore only this region: X Y in level-0 pixels of the archived resolution, W H in pixels of --level."),
@@ -265,6 +398,10 @@ def restore(
     retries: int = typer.Option(0, "--retries", min=0, help="Batch: retry a container's failures this many times (input errors are never retried)."),
     ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help="Batch: run each container as a Ray task: 'local', 'auto' or ray://HOST:10001."),
     suffix: str = typer.Option(".tiff", "--suffix", help="Batch: the outputs' suffix, OUT/<name><suffix> (.tiff or .svs)."),
+    patient_id: Optional[str] = typer.Option(None, "--patient-id", metavar="ID", help="DICOM: the PatientID to file the slide under."),
+    accession: Optional[str] = typer.Option(None, "--accession", metavar="NUMBER", help="DICOM: the AccessionNumber of the order."),
+    study_uid: Optional[str] = typer.Option(None, "--study-uid", metavar="UID", help="DICOM: put the slide into this existing study (default: a UID derived from the container)."),
+    dicom_attrs_file: Optional[Path] = typer.Option(None, "--dicom-attrs", metavar="JSON", help="DICOM: a JSON file of patient/study attributes by keyword, e.g. {\"PatientName\": \"Doe^Jane\", \"PatientBirthDate\": \"19700101\"} (docs/dicom.md); the options above win."),
 ) -> None:
     """Restore a viewable pyramidal TIFF (or a region) from a .pzarr container, or a batch into a folder."""
     # the package's own `restore` function shadows the module name: import the functions
@@ -301,6 +438,10 @@ def restore(
             raise WsicodecError("--format dicom restores the whole slide; --region writes one image, not DICOM")
         if fmt == "dicom" and compression != "jpeg":
             raise WsicodecError("--format dicom writes JPEG baseline tiles; --compression applies to TIFF only")
+        dicom_attrs = _dicom_attrs(dicom_attrs_file, patient_id, accession, study_uid)
+        if dicom_attrs and fmt != "dicom":
+            raise WsicodecError("--patient-id, --accession, --study-uid and --dicom-attrs go into DICOM: "
+                                "add --format dicom")
         if region is not None:
             x, y, w, h = region
             _restore_region(container, out, x, y, w, h, level=level, device=device, batch_size=batch_size,
@@ -309,12 +450,30 @@ def restore(
             return
         summary = _restore_tiff(container, out, compression=compression, quality=quality, device=device,
                                 batch_size=batch_size, model=model, force=force, overwrite=overwrite,
-                                progress=not quiet, format=fmt)
+                                progress=not quiet, format=fmt, dicom_attrs=dicom_attrs or None)
     typer.echo(summary.line())
 
 
+def _dicom_attrs(path: Optional[Path], patient_id, accession, study_uid) -> dict:
+    """--dicom-attrs FILE, then --patient-id / --accession / --study-uid over it (validated when written)."""
+    import json
+
+    attrs: dict = {}
+    if path is not None:
+        try:
+            attrs = json.loads(Path(path).read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise WsicodecError(f"--dicom-attrs {path}: not JSON ({exc})") from None
+        if not isinstance(attrs, dict):
+            raise WsicodecError(f"--dicom-attrs {path}: must hold a JSON object of DICOM keywords and values")
+    for key, value in (("PatientID", patient_id), ("AccessionNumber", accession), ("StudyInstanceUID", study_uid)):
+        if value is not None:
+            attrs[key] = value
+    return attrs
+
+
 # ---------------------------------------------------------------- stats
-@app.command()
+@app.command(cls=_Command)
 def stats(
     paths: list[Path] = typer.Argument(..., help="Containers (or slides with --estimate), or folders to search."),
     estimate: bool = typer.Option(False, "--estimate", help="Project the containers of slides not yet compressed, from a sample of tiles."),
@@ -373,7 +532,7 @@ def stats(
 
 
 # ---------------------------------------------------------------- eval / finetune
-@app.command("eval")
+@app.command("eval", cls=_Command)
 def eval_(
     inputs: list[Path] = typer.Argument(..., help="Slides (tissue tiles at --mpp) and/or images or folders of image tiles."),
     model: Optional[list[str]] = typer.Option(None, "--model", "-m", help="Registry name or local model folder; repeat for several. Default: the builtin model; 'none' for JPEG only."),
@@ -430,7 +589,7 @@ def eval_(
                 note(f"wrote {p}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def finetune(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model whose decoder to tune (registry name or folder); default: the builtin model."),
     data: list[Path] = typer.Option(..., "--data", help="Training slides, images or folders (repeat). Use data you may train on."),
@@ -479,7 +638,7 @@ def finetune(
 
 
 # ---------------------------------------------------------------- train
-@app.command()
+@app.command(cls=_Command)
 def train(
     data: list[str] = typer.Option(..., "--data", help="Slides, image files/folders, or .npy tile caches (repeat --data, or list several after it)."),
     out: Path = typer.Option(..., "--out", help="Model folder to write (checkpoints live in it; --model DIR loads it)."),
@@ -543,7 +702,7 @@ def _json_object(text: str, option: str) -> dict:
 
 
 # ---------------------------------------------------------------- serve
-@app.command()
+@app.command(cls=_Command)
 def serve(
     paths: list[Path] = typer.Argument(..., metavar="PATH", help="Containers, or folders searched recursively for them; each is served under its file name without .pzarr."),
     source: Optional[Path] = typer.Option(None, "--source", help="The original slide of a single container: adds a synchronised side-by-side view and an error heat-map."),

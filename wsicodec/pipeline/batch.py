@@ -765,7 +765,7 @@ def print_summary(result: BatchResult, console=None, max_failures: int = 20) -> 
     if len(failed) > max_failures:
         console.print(f"... and {len(failed) - max_failures} more failed; see {result.log}", highlight=False)
     if result.not_run:
-        console.print(f"[red]{result.not_run} slides not run[/red]: the run stopped (see the error)")
+        console.print(f"[red]{result.not_run} slide{'' if result.not_run == 1 else 's'} not run[/red]: the run stopped (see the error)")
     console.print(f"run log: {result.log} (run {result.run})", highlight=False, style="dim")
 
 

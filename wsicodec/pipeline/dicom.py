@@ -8,9 +8,11 @@ One folder per slide, one instance (file) per pyramid level plus LABEL / OVERVIE
     OUT/label.dcm                        LABEL, one frame, uncompressed (barcodes and text stay lossless)
     OUT/overview.dcm                     OVERVIEW (the source's macro image), one JPEG frame
 
-All instances share one study, series, frame of reference and pyramid UID (synthetic, from
-:func:`pydicom.uid.generate_uid`), so OpenSlide (its ``dicom`` driver, opened on any one file) and
-wsidicom (opened on the folder) see one slide. Level 0 arrives as strips of ``tile_size`` rows; each
+All instances share one study, series, frame of reference and pyramid UID, so OpenSlide (its ``dicom``
+driver, opened on any one file) and wsidicom (opened on the folder) see one slide. The UIDs are derived
+(2.25 + a UUID made from a SHA-256) from the container's integrity seal and the restore's options, so
+restoring one container twice with the same options gives the same Study/Series/SOP Instance UIDs, and a
+PACS sees a repeated restore as the same objects. Level 0 arrives as strips of ``tile_size`` rows; each
 reduced level is downsampled (:func:`wsicodec.pipeline.tiff.downsample2`, the TIFF writer's rule) into
 a raw file on disk while the level above is encoded, so pixels in memory stay a few tile rows; the
 JPEG frames of the level being written are held in memory until its file is written.
@@ -55,6 +57,18 @@ def _pydicom():
     return pydicom
 
 
+# patient and study attributes a restore may be given (--patient-id, --accession, --study-uid, --dicom-attrs);
+# everything else in the header describes the image and is wsicodec's to write
+PATIENT_STUDY_KEYWORDS = (
+    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "PatientAge",
+    "OtherPatientIDsSequence", "StudyInstanceUID", "StudyID", "StudyDate", "StudyTime", "StudyDescription",
+    "AccessionNumber", "ReferringPhysicianName", "InstitutionName", "InstitutionalDepartmentName",
+)
+# the glass slide's nominal size (ISO 8037-1: 76 x 26 mm): the overview (macro) shows the whole slide, the
+# label its width; neither is measured by the scanner, so their pixel spacing is this nominal estimate
+SLIDE_MM = (76.0, 26.0)
+
+
 @dataclass
 class DicomInfo:
     """What the container tells the DICOM header."""
@@ -65,6 +79,50 @@ class DicomInfo:
     description: str = "wsicodec"  # the latent method, for DerivationDescription / ImageComments
     glass_rgb: tuple[int, int, int] = (255, 255, 255)
     extra: dict[str, str] = field(default_factory=dict)
+    uid_seed: str | None = None  # the container's integrity seal (or write id): UIDs derive from it
+    objective_power: float | None = None  # ObjectiveLensPower of the optical path
+    created: str | None = None  # the container's creation time (ISO 8601): the study's date and time
+    attrs: dict[str, str] = field(default_factory=dict)  # patient/study attributes (PATIENT_STUDY_KEYWORDS)
+    quality: int | None = None  # JPEG quality: part of what the series' UIDs derive from
+
+
+def derived_uid(seed: str, role: str) -> str:
+    """A UID under 2.25 (ITU-T X.667: a UUID as one integer) made from SHA-256(seed, role): the same seed
+    and role give the same UID, different ones different UIDs (at most 44 characters)."""
+    import hashlib
+    import uuid
+
+    digest = hashlib.sha256(f"wsicodec-dicom|{seed}|{role}".encode()).digest()
+    return f"2.25.{uuid.UUID(bytes=digest[:16], version=5).int}"
+
+
+def check_dicom_attrs(attrs: dict) -> dict[str, str]:
+    """Validate patient/study attributes (keyword -> value) the way a PACS would: known keywords from
+    :data:`PATIENT_STUDY_KEYWORDS`, values valid for their VR. Raises WsicodecError naming the first bad one."""
+    pydicom = _pydicom()
+    from pydicom.datadict import dictionary_VR
+    from pydicom.valuerep import validate_value
+
+    if not isinstance(attrs, dict):
+        raise WsicodecError("--dicom-attrs must hold a JSON object of DICOM keywords and values")
+    out: dict[str, str] = {}
+    for key, value in attrs.items():
+        if key not in PATIENT_STUDY_KEYWORDS or key == "OtherPatientIDsSequence":
+            raise WsicodecError(f"--dicom-attrs: {key!r} is not a patient or study attribute wsicodec sets "
+                                f"(one of {', '.join(k for k in PATIENT_STUDY_KEYWORDS if 'Sequence' not in k)})")
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise WsicodecError(f"--dicom-attrs: {key} must be a string, got {type(value).__name__}")
+        value = str(value)
+        vr = dictionary_VR(key)
+        try:
+            validate_value(vr, value, pydicom.config.RAISE)
+        except (ValueError, KeyError) as exc:
+            raise WsicodecError(f"--dicom-attrs: {key} = {value!r} is not a valid {vr} value "
+                                f"({' '.join(str(exc).split())})") from None
+        if key == "StudyInstanceUID" and not pydicom.uid.UID(value).is_valid:
+            raise WsicodecError(f"study UID {value!r} is not a valid DICOM UID (digits and dots, at most 64)")
+        out[key] = value
+    return out
 
 
 def dicom_info(container) -> DicomInfo:
@@ -90,9 +148,42 @@ def dicom_info(container) -> DicomInfo:
         ratio = None
     desc = f"wsicodec {model_id or 'unknown model'}, {quant}"
     desc += f", ratio {ratio:.1f}" if ratio else ""
+    resolution = attrs.get("resolution") or {}
+    grid = attrs.get("grid") or {}
+    power = resolution.get("archived_objective_power")
+    if not power and grid.get("target_mpp"):
+        power = 10.0 / float(grid["target_mpp"])  # 10 µm/px is 1x, as the TIFF restore's AppMag
     return DicomInfo(mpp=float(container.archived_mpp), source_name=str(name) if name else None,
                      model_id=model_id, description=desc,
-                     glass_rgb=tuple(getattr(container, "glass_rgb", (255, 255, 255))))
+                     glass_rgb=tuple(getattr(container, "glass_rgb", (255, 255, 255))),
+                     uid_seed=_uid_seed(container), objective_power=float(power) if power else None,
+                     created=attrs.get("created"))
+
+
+def _uid_seed(container) -> str:
+    """What identifies this container's one write: the integrity seal (1.1), else the write id, else (1.0)
+    a hash of its attributes."""
+    import hashlib
+    import json
+
+    manifest = getattr(container, "manifest", None) or {}
+    if manifest.get("self_sha256"):
+        return str(manifest["self_sha256"])
+    attrs = getattr(container, "attrs", {}) or {}
+    write_id = (attrs.get("integrity") or {}).get("write_id")
+    if write_id:
+        return str(write_id)
+    return hashlib.sha256(json.dumps(attrs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _parse_time(text: str | None):
+    """A datetime from the container's ISO 8601 ``created`` (``2026-12-03T10:21:53Z``), or None."""
+    if not text:
+        return None
+    try:
+        return _dt.datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    except ValueError:
+        return None
 
 
 def _ds(v: float) -> str:
@@ -133,18 +224,29 @@ class _Series:
     """The UIDs and modules every instance of one slide shares."""
 
     def __init__(self, info: DicomInfo, width: int, height: int):
+        import json
+
         from pydicom.uid import generate_uid
 
         self.info = info
         self.width, self.height = width, height
-        self.study_uid = generate_uid()
-        self.series_uid = generate_uid()
-        self.frame_of_reference_uid = generate_uid()
-        self.pyramid_uid = generate_uid()
-        self.dimension_uid = generate_uid()
-        self.specimen_uid = generate_uid()
+        # study: the container and the patient/study attributes; series and instances: every option too
+        study_key = json.dumps(info.attrs, sort_keys=True)
+        series_key = json.dumps([info.attrs, info.quality], sort_keys=True)
+        self._uid = ((lambda key, role: derived_uid(f"{info.uid_seed}|{key}", role)) if info.uid_seed
+                     else (lambda key, role: generate_uid()))
+        self.study_uid = info.attrs.get("StudyInstanceUID") or self._uid(study_key, "study")
+        self._series_key = series_key
+        self.series_uid = self._uid(series_key, "series")
+        self.frame_of_reference_uid = self._uid(series_key, "frame-of-reference")
+        self.pyramid_uid = self._uid(series_key, "pyramid")
+        self.dimension_uid = self._uid(series_key, "dimension-organization")
+        self.specimen_uid = self._uid(study_key, "specimen")
         now = _dt.datetime.now()
         self.date, self.time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+        # the study is the archive's: dated when the container was written (the same on every restore)
+        created = _parse_time(info.created) or now
+        self.study_date, self.study_time = created.strftime("%Y%m%d"), created.strftime("%H%M%S")
         self.icc = _srgb_icc()
         self.instance = 0
         stem = Path(info.source_name).stem if info.source_name else "wsicodec"
@@ -156,11 +258,11 @@ class _Series:
         pydicom = _pydicom()
         from pydicom.dataset import Dataset, FileMetaDataset
         from pydicom.sequence import Sequence
-        from pydicom.uid import UID, generate_uid
+        from pydicom.uid import UID
 
         info = self.info
         self.instance += 1
-        sop_uid = generate_uid()
+        sop_uid = self._uid(self._series_key, f"instance-{self.instance}")
         ds = Dataset()
         ds.file_meta = FileMetaDataset()
         ds.file_meta.MediaStorageSOPClassUID = UID(WSI_SOP_CLASS)
@@ -181,11 +283,13 @@ class _Series:
         ds.PatientSex = ""
         # General Study
         ds.StudyInstanceUID = self.study_uid
-        ds.StudyDate, ds.StudyTime = self.date, self.time
+        ds.StudyDate, ds.StudyTime = self.study_date, self.study_time
         ds.ReferringPhysicianName = ""
         ds.StudyID = ""
         ds.AccessionNumber = ""
         ds.StudyDescription = "wsicodec restore"
+        for key, value in info.attrs.items():  # --patient-id, --accession, --dicom-attrs: the PACS's own
+            setattr(ds, key, value)
         # General Series + Whole Slide Microscopy Series
         ds.Modality = "SM"
         ds.SeriesInstanceUID = self.series_uid
@@ -225,7 +329,10 @@ class _Series:
             # the slide's extent at level 0, in mm
             ds.ImagedVolumeWidth = float(self.width * info.mpp / 1000)  # FL
             ds.ImagedVolumeHeight = float(self.height * info.mpp / 1000)
-            ds.ImagedVolumeDepth = 0.001
+        elif mm_per_px is not None:  # label / overview: the nominal extent their pixel spacing implies
+            ds.ImagedVolumeWidth = float(w * mm_per_px[0])
+            ds.ImagedVolumeHeight = float(h * mm_per_px[1])
+        ds.ImagedVolumeDepth = 0.001
         ds.TotalPixelMatrixColumns = w
         ds.TotalPixelMatrixRows = h
         ds.TotalPixelMatrixFocalPlanes = 1
@@ -235,8 +342,9 @@ class _Series:
         ds.TotalPixelMatrixOriginSequence = Sequence([origin])
         ds.ImageOrientationSlide = ["0", "-1", "0", "-1", "0", "0"]
         ds.VolumetricProperties = "VOLUME"
+        # a label or an overview shows the slide's label, whose text may identify the patient
         ds.SpecimenLabelInImage = "YES" if kind in ("LABEL", "OVERVIEW") else "NO"
-        ds.BurnedInAnnotation = "YES" if kind == "LABEL" else "NO"
+        ds.BurnedInAnnotation = ds.SpecimenLabelInImage
         if kind == "LABEL":  # Slide Label module: type 2, present even when unknown
             ds.LabelText = ""
             ds.BarcodeValue = ""
@@ -259,8 +367,8 @@ class _Series:
 
         # Multi-frame Functional Groups (shared only: TILED_FULL needs no per-frame groups)
         shared = Dataset()
-        # the Pixel Measures macro is required for every image type; a label or overview has no known
-        # pixel size, so it carries the thickness alone (dciodvfy from Debian's dicom3tools accepts this)
+        # the Pixel Measures macro is required for every image type; a label's or overview's pixel size is the
+        # nominal one of SLIDE_MM (readers such as highdicom's and wsidicom's want a PixelSpacing on each)
         measures = Dataset()
         if mm_per_px is not None:
             measures.PixelSpacing = [_ds(mm_per_px[1]), _ds(mm_per_px[0])]  # row spacing (y), column spacing (x)
@@ -295,6 +403,8 @@ class _Series:
         path.IlluminationColorCodeSequence = Sequence([_code("414298005", "SCT", "Full Spectrum")])
         path.ICCProfile = self.icc
         path.ColorSpace = "SRGB"
+        if info.objective_power:
+            path.ObjectiveLensPower = _ds(round(float(info.objective_power), 3))
         ds.NumberOfOpticalPaths = 1
         ds.OpticalPathSequence = Sequence([path])
         return ds
@@ -406,12 +516,15 @@ def write_dicom_wsi(
                 continue
             img = _as_rgb(img)
             ih, iw = img.shape[:2]
+            # nominal: the overview spans the slide's length, the label the slide's width (SLIDE_MM)
+            side = SLIDE_MM[0] / max(iw, ih) if kind == "OVERVIEW" else SLIDE_MM[1] / max(iw, ih)
             if lossy:
                 data = _jpeg(img, quality)
-                ds = series.dataset(kind, iw, ih, iw, ih, 1, lossy=True, ratio=iw * ih * 3 / len(data))
+                ds = series.dataset(kind, iw, ih, iw, ih, 1, lossy=True, ratio=iw * ih * 3 / len(data),
+                                    mm_per_px=(side, side))
                 _write(ds, [data], None, tmp / f"{kind.lower()}.dcm")
             else:
-                ds = series.dataset(kind, iw, ih, iw, ih, 1, lossy=False)
+                ds = series.dataset(kind, iw, ih, iw, ih, 1, lossy=False, mm_per_px=(side, side))
                 _write(ds, None, img, tmp / f"{kind.lower()}.dcm")
         for p in scratch.iterdir():
             p.unlink()

@@ -24,6 +24,14 @@ from wsicodec.pipeline.tiff import COMPRESSIONS, AperioInfo, write_aperio_pyrami
 from wsicodec.pipeline.decoder import Pyramid, TileDecoder, load_decoder_model, open_container, prefetch
 
 RESTORE_FORMATS = ("tiff", "dicom")
+# what a whole-slide TIFF restore may be named (Aperio layout: .svs names it for viewers that go by suffix)
+TIFF_SUFFIXES = (".tiff", ".tif", ".svs")
+# a whole slide named .png/.jpg/... is written as that image when its level 0 holds at most this many pixels
+# (the RGB array, about 3 bytes a pixel, and the encoder's copy stay a few hundred MB); larger ones are refused
+WHOLE_IMAGE_MAX_PIXELS = 40_000_000
+# names of files, never of a DICOM folder (a folder `slide.tiff` of .dcm files would mislead everyone)
+_FILE_SUFFIXES = frozenset({".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".bif", ".btf", ".dcm",
+                            ".pzarr", ".zip", ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".jp2", ".j2k"})
 
 def _aperio_info(container) -> AperioInfo:
     grid = container.grid
@@ -37,6 +45,13 @@ def _aperio_info(container) -> AperioInfo:
         name = source.get("name") or source.get("file_name") or source.get("filename")
         if name:
             extra["Filename"] = str(name)
+        # provenance: when and on what the source was scanned, as Aperio names it (OpenSlide: aperio.Date, ...)
+        props = source.get("properties") or {}
+        for key in ("Date", "Time", "ScanScope ID"):
+            if props.get(f"aperio.{key}"):
+                extra[key] = str(props[f"aperio.{key}"])
+        if props.get("openslide.vendor"):
+            extra["SourceVendor"] = str(props["openslide.vendor"])
     extra["ArchivedMPP"] = f"{float(getattr(grid, 'actual_mpp', mpp)):.4f}"
     model = getattr(container, "model", {}) or {}
     if model.get("id"):
@@ -124,7 +139,8 @@ class RestoreResult:
 
     def line(self) -> str:
         levels = " ".join(f"{w}x{h}" for w, h in self.levels)
-        return (f"wrote {self.output}: levels {levels}, {self.decoded_tiles} tiles decoded, "
+        tiles = f"{self.decoded_tiles} tile{'' if self.decoded_tiles == 1 else 's'}"
+        return (f"wrote {self.output}: levels {levels}, {tiles} decoded, "
                 f"{self.bytes / 2**20:.1f} MiB in {self.seconds:.1f} s")
 
 
@@ -139,27 +155,41 @@ def restore(
     model: str | None = None,
     force: bool = False,
     overwrite: bool = False,
-    progress: bool = True,
+    progress: bool = False,
     halo: int | None = None,
     blend: int | None = None,
     format: str = "tiff",
+    dicom_attrs: dict[str, str] | None = None,
     _model_obj=None,
 ) -> RestoreResult:
     """Restore a pyramidal Aperio-layout BigTIFF from a .pzarr container; with ``format="dicom"`` a DICOM
-    WSI folder instead (one instance per level, plus label/overview; docs/dicom.md)."""
+    WSI folder instead (one instance per level, plus label/overview; docs/dicom.md).
+
+    The output's name is honoured: ``.tif``/``.tiff``/``.svs`` get the pyramid; an image name (``.png``,
+    ``.jpg``, ...) gets level 0 as that one image when it holds at most :data:`WHOLE_IMAGE_MAX_PIXELS`
+    pixels, and is refused otherwise. ``progress=True`` shows a progress bar on stderr. ``dicom_attrs``
+    (DICOM only): patient and study attributes by keyword (``PatientID``, ``AccessionNumber``,
+    ``StudyInstanceUID``, ...; :data:`wsicodec.pipeline.dicom.PATIENT_STUDY_KEYWORDS`)."""
     out_path = Path(out_path)
     if format not in RESTORE_FORMATS:
         raise WsicodecError(f"unknown format {format!r}; choose one of {', '.join(RESTORE_FORMATS)}")
     if format == "dicom":
         return _restore_dicom(container_path, out_path, quality=quality, device=device, batch_size=batch_size,
                               model=model, force=force, overwrite=overwrite, progress=progress, halo=halo,
-                              blend=blend, _model_obj=_model_obj)
+                              blend=blend, attrs=dicom_attrs or {}, _model_obj=_model_obj)
+    if dicom_attrs:
+        raise WsicodecError("patient and study attributes (--patient-id, --accession, --study-uid, --dicom-attrs) "
+                            "go into DICOM: add --format dicom")
     if compression not in COMPRESSIONS:
         raise WsicodecError(f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)}")
     if not 1 <= int(quality) <= 100:
         raise WsicodecError(f"--quality must be between 1 and 100, got {quality}")
     _check_not_input(container_path, out_path)
     _check_output(out_path, overwrite)
+    if out_path.suffix.lower() not in TIFF_SUFFIXES:
+        return _restore_whole_image(container_path, out_path, device=device, batch_size=batch_size, model=model,
+                                    force=force, overwrite=overwrite, halo=halo, blend=blend,
+                                    _model_obj=_model_obj)
 
     def write(strips, container, tile_size, associated, on_level):
         return write_aperio_pyramid(out_path, strips, int(container.grid.width), int(container.grid.height),
@@ -169,6 +199,29 @@ def restore(
 
     return _decode_and_write(container_path, out_path, write, device=device, batch_size=batch_size, model=model,
                              force=force, progress=progress, halo=halo, blend=blend, _model_obj=_model_obj)
+
+
+def _restore_whole_image(container_path, out_path: Path, *, device, batch_size: int, model, force: bool,
+                         overwrite: bool, halo, blend, _model_obj) -> RestoreResult:
+    """``restore s.pzarr s.png``: the whole of level 0 as one image, if it is small enough; else refused."""
+    from PIL import Image
+
+    t0 = time.perf_counter()
+    suffix = out_path.suffix.lower()
+    what = f"{out_path.name}: a whole-slide restore writes a pyramidal TIFF; name it .tif/.tiff/.svs, " \
+           "or give --region X Y W H for one image"
+    if suffix not in Image.registered_extensions():
+        raise WsicodecError(what)
+    container = open_container(container_path)
+    w, h = int(container.grid.width), int(container.grid.height)
+    if w * h > WHOLE_IMAGE_MAX_PIXELS:
+        raise WsicodecError(f"{what} (the slide is {w}x{h} px, too large for one {suffix} image)")
+    restore_region(container_path, out_path, 0, 0, w, h, device=device, batch_size=batch_size, model=model,
+                   force=force, overwrite=overwrite, halo=halo, blend=blend, _model_obj=_model_obj)
+    rows, cols = container.tissue.shape
+    return RestoreResult(output=str(out_path), levels=((w, h),), tiles=int(rows * cols),
+                         decoded_tiles=int(np.count_nonzero(container.tissue)),
+                         seconds=time.perf_counter() - t0, bytes=disk_bytes(out_path))
 
 
 def _decode_and_write(container_path, out_path: Path, write, *, device, batch_size: int, model, force: bool,
@@ -201,6 +254,9 @@ def _check_dicom_output(container_path: str | os.PathLike, out_path: Path, overw
     if _is_container(out_path):
         raise OutputExistsError(f"{out_path} is a .pzarr container; restore never replaces one, "
                                 "even with --overwrite")
+    if out_path.suffix.lower() in _FILE_SUFFIXES:
+        raise WsicodecError(f"{out_path.name}: --format dicom writes a folder of .dcm files; give it a folder "
+                            f"name without a file suffix (e.g. {out_path.stem}-dicom/)")
     if out_path.exists() and not overwrite:
         raise OutputExistsError(f"{out_path} exists; pass --overwrite to replace it")
     if out_path.exists() and not out_path.is_dir():
@@ -213,17 +269,20 @@ def _check_dicom_output(container_path: str | os.PathLike, out_path: Path, overw
 
 
 def _restore_dicom(container_path, out_path: Path, *, quality: int, device, batch_size: int, model, force: bool,
-                   overwrite: bool, progress: bool, halo, blend, _model_obj) -> RestoreResult:
-    from wsicodec.pipeline.dicom import _pydicom, dicom_info, write_dicom_wsi
+                   overwrite: bool, progress: bool, halo, blend, attrs: dict, _model_obj) -> RestoreResult:
+    from wsicodec.pipeline.dicom import _pydicom, check_dicom_attrs, dicom_info, write_dicom_wsi
 
     if not 1 <= int(quality) <= 100:
         raise WsicodecError(f"--quality must be between 1 and 100, got {quality}")
     _pydicom()  # fail before decoding anything when pydicom is missing
+    attrs = check_dicom_attrs(attrs)
     _check_dicom_output(container_path, out_path, overwrite)
 
     def write(strips, container, tile_size, associated, on_level):
+        info = dicom_info(container)
+        info.attrs, info.quality = attrs, int(quality)
         return write_dicom_wsi(out_path, strips, int(container.grid.width), int(container.grid.height),
-                               dicom_info(container), tile_size=tile_size, associated=associated, quality=quality,
+                               info, tile_size=tile_size, associated=associated, quality=quality,
                                on_level=on_level, overwrite=overwrite)
 
     return _decode_and_write(container_path, out_path, write, device=device, batch_size=batch_size, model=model,

@@ -2,7 +2,9 @@
 the source slide.
 
     report = verify_container(path, decode=False, source=None)   # -> VerifyReport
-    report.ok, report.problems (list of Problem: where, what)
+    report.ok, report.problems (list of Problem: where, what): damage to the container itself
+    report.source_problems: with ``source``, why that slide is not the one the container records (an intact
+    container whose source differs is not damaged; ``ok`` is false all the same)
 """
 
 from __future__ import annotations
@@ -25,15 +27,23 @@ class VerifyReport:
     problems: list[Problem] = field(default_factory=list)
     checksummed: bool = False  # format 1.1+: every byte was checked against a hash
     tiles_decoded: int = 0
+    source_problems: list[Problem] = field(default_factory=list)
+    source_checked: bool = False
 
     @property
     def ok(self) -> bool:
+        return not self.problems and not self.source_problems
+
+    @property
+    def intact(self) -> bool:
+        """The container itself is undamaged (whatever a --source check said)."""
         return not self.problems
 
     def to_json(self) -> dict:
-        return {"path": self.path, "ok": self.ok, "checksummed": self.checksummed,
+        return {"path": self.path, "ok": self.ok, "intact": self.intact, "checksummed": self.checksummed,
                 "tiles_decoded": self.tiles_decoded,
-                "problems": [{"where": p.where, "what": p.what} for p in self.problems]}
+                "source_matches": (not self.source_problems) if self.source_checked else None,
+                "problems": [{"where": p.where, "what": p.what} for p in self.problems + self.source_problems]}
 
 
 def verify_container(path: str | os.PathLike, *, decode: bool = False, source: str | os.PathLike | None = None,
@@ -51,10 +61,10 @@ def verify_container(path: str | os.PathLike, *, decode: bool = False, source: s
         decoded = 0
         if decode and not problems:
             decoded = _decode_all(container, problems, device=device, model=model, batch_size=batch_size)
-        if source is not None:
-            problems += _check_source(container, Path(source))
+        source_problems = _check_source(container, Path(source)) if source is not None else []
         # a 1.0 container has no checksums: only its structure and readability were checked
-        return VerifyReport(str(path), problems, container.checksummed, decoded)
+        return VerifyReport(str(path), problems, container.checksummed, decoded, source_problems,
+                            source is not None)
 
 
 def _decode_all(container: Container, problems: list[Problem], *, device: str | None, model: str | None,
@@ -89,5 +99,6 @@ def _check_source(container: Container, source: Path) -> list[Problem]:
     if not recorded:
         return [Problem("source", "the container records no source SHA-256")]
     if file_sha256(source) != recorded:
-        return [Problem("source", f"{source.name}: SHA-256 differs from the recorded {recorded[:12]}…")]
+        return [Problem("source differs", f"{source.name} is not the slide this container was made from (its SHA-256 "
+                                  f"differs from the recorded {recorded[:12]}...)")]
     return []

@@ -400,7 +400,7 @@ def print_runs(runs: dict[str, Any] | None, console) -> None:
         return
     from rich.table import Table
 
-    table = Table(title=f"batch runs ({runs['runs']} runs in {', '.join(runs['logs'])})", header_style="bold")
+    table = Table(title=f"batch runs ({plural(runs['runs'], 'run')} in {', '.join(runs['logs'])})", header_style="bold")
     table.add_column("status")
     table.add_column("slides (latest attempt)", justify="right")
     table.add_column("attempts", justify="right")
@@ -590,6 +590,35 @@ def estimate(paths: Sequence[os.PathLike | str], *, model=None, quant: str | Non
 
 # -------------------------------------------------------------------------------- output
 
+def _fit_widths(headers: list[str], rows: list[list[str]], width: int,
+                folding: Sequence[int] = (0,)) -> tuple[list[int], int]:
+    """Column widths and the left padding (1, or 0 when space is short) for a table whose columns are
+    separated by one character, ``width`` in all: each column as wide as its longest cell; while too wide,
+    number columns (all but ``folding``) give way to their longest word ("190.5 KB – 259.3 KB" wraps at its
+    spaces), then the ``folding`` (text) columns shrink to no less than 12 characters, folding long names.
+    Nothing is dropped or cut."""
+    columns = list(zip(headers, *rows))
+    want = [max(len(c) for c in col) for col in columns]
+    least = [max(len(w) for c in col for w in c.split(" ")) for col in columns]
+    floor = [min(12, want[i]) if i in folding else least[i] for i in range(len(want))]
+    pad = 1 if sum(floor) + 2 * len(headers) - 1 <= width else 0
+    budget = width - (1 + pad) * len(headers) + 1
+    widths = list(want)
+    for i in sorted((i for i in range(len(widths)) if i not in folding), key=lambda i: least[i] - want[i]):
+        if sum(widths) <= budget:
+            break
+        widths[i] = max(least[i], widths[i] - (sum(widths) - budget))
+    for i in folding:
+        if sum(widths) > budget:
+            widths[i] = max(floor[i], widths[i] - (sum(widths) - budget))
+    return widths, pad
+
+
+def plural(n: int, word: str) -> str:
+    """"1 slide", "2 slides"."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def human_bytes(n: float | None) -> str:
     if n is None:
         return "-"
@@ -610,43 +639,35 @@ def _money(x: float) -> str:
 
 def print_table(report: StatsReport, console=None) -> None:
     """The terminal view: one row per slide, a totals row, the yearly cost, then what was skipped."""
+    from rich import box
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     if console is None:
+        # the terminal's width, or $COLUMNS, or 80 when piped: cells wrap, no column is dropped or cut
         console = Console()
-        if not console.is_terminal:  # piped into a file: don't squeeze the table into 80 columns
-            console = Console(width=160)
     t = report.totals()
     est = report.mode == "estimate"
     if not report.rows:
         console.print("nothing to report: no input could be read")
         for skip in report.skipped:
-            console.print(f"[yellow]skipped[/] {skip.path}: {skip.reason}", highlight=False, soft_wrap=True)
+            console.print(f"[yellow]skipped[/] {escape(skip.path)}: {escape(skip.reason)}", highlight=False, soft_wrap=True)
         print_runs(report.runs, console)
         return
     labels = {f"{r.model} / {_quant_label(r.quantizer)}" for r in report.rows}
     shared_label = labels.pop() if len(labels) == 1 else None
     title = "wsicodec estimate: projected container sizes" if est else "wsicodec containers: measured sizes"
-    table = Table(title=title, caption=f"model / quantiser: {shared_label}" if shared_label else None,
-                  header_style="bold")
-    table.add_column("slide" if est else "container", overflow="fold", max_width=40)
-    table.add_column("source", justify="right", no_wrap=True)
-    table.add_column("projected" if est else "container", justify="right", no_wrap=True)
-    if est:
-        table.add_column("95% interval", justify="right", no_wrap=True)
-    table.add_column("ratio", justify="right", no_wrap=True)
-    table.add_column("saved", justify="right", no_wrap=True)
-    table.add_column("tissue tiles", justify="right", no_wrap=True)
-    if est:
-        table.add_column("sampled", justify="right", no_wrap=True)
-    table.add_column("bytes/tile", justify="right", no_wrap=True)
-    if not shared_label:
-        table.add_column("model / quantiser")
+    headers = ["slide" if est else "container", "source", "projected" if est else "container"]
+    headers += ["95% interval"] if est else []
+    headers += ["ratio", "saved", "tissue tiles"] + (["sampled"] if est else []) + ["bytes/tile"]
+    headers += [] if shared_label else ["model / quantiser"]
 
     def ratio(x):
         return f"{x:.1f}×" if x else "-"
 
+    rows: list[list[str]] = []
     for row in report.rows:
         d = row.to_json()
         cells = [row.name, human_bytes(row.source_bytes), human_bytes(row.after_bytes)]
@@ -659,13 +680,23 @@ def print_table(report: StatsReport, console=None) -> None:
         cells.append(human_bytes(d["bytes_per_tile_mean"] if est else d["latent_bytes_per_tissue_tile"]))
         if not shared_label:
             cells.append(f"{row.model} / {_quant_label(row.quantizer)}")
-        table.add_row(*cells)
-    table.add_section()
-    cells = [f"total ({t['slides']} slides)", human_bytes(t["source_bytes"]), human_bytes(t["after_bytes"])]
+        rows.append(cells)
+    total = [f"total ({plural(t['slides'], 'slide')})", human_bytes(t["source_bytes"]), human_bytes(t["after_bytes"])]
     if est:
-        cells.append(f"{human_bytes(t['after_low'])} – {human_bytes(t['after_high'])}")
-    cells += [ratio(t["ratio"]), human_bytes(t["saved_bytes"]), str(t["tissue_tiles"])]
-    table.add_row(*cells, style="bold")
+        total.append(f"{human_bytes(t['after_low'])} – {human_bytes(t['after_high'])}")
+    total += [ratio(t["ratio"]), human_bytes(t["saved_bytes"]), str(t["tissue_tiles"])]
+    total += [""] * (len(headers) - len(total))
+    widths, pad = _fit_widths(headers, rows + [total], console.width, folding=[0] + ([] if shared_label else
+                                                                                [len(headers) - 1]))
+    table = Table(title=title, caption=f"model / quantiser: {shared_label}" if shared_label else None,
+                  header_style="bold", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 0, 0, pad))
+    for i, (name, width) in enumerate(zip(headers, widths)):
+        text_col = i == 0 or (not shared_label and i == len(headers) - 1)
+        table.add_column(name, justify="left" if text_col else "right", overflow="fold", width=width)
+    for cells in rows:
+        table.add_row(*map(Text, cells))
+    table.add_section()
+    table.add_row(*map(Text, total), style="bold")
     console.print(table)
     tier = PRICE_TIER if report.price_per_tb_month == DEFAULT_PRICE_PER_TB_MONTH else "your price"
     console.print(f"storage cost per year at ${report.price_per_tb_month:g}/TB-month ({tier}): "
@@ -673,7 +704,7 @@ def print_table(report: StatsReport, console=None) -> None:
                   f"{'projected' if est else 'compressed'}, [bold green]{_money(t['cost_per_year_saved'])} saved[/]",
                   highlight=False)
     for skip in report.skipped:
-        console.print(f"[yellow]skipped[/] {skip.path}: {skip.reason}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]skipped[/] {escape(skip.path)}: {escape(skip.reason)}", highlight=False, soft_wrap=True)
     print_runs(report.runs, console)
 
 
