@@ -13,7 +13,10 @@ the source read at the archived resolution. Printed per row:
 - edge/int: mean error in the outer 2 px of tissue tiles over the same >= 8 px inside;
 - seam: the error-image seam ratio (tile borders vs interior 8-px grid lines);
 - PSNR over tissue tiles, tiles stored, container bytes, encode seconds (relative to margin 0, same run);
-- mpp: what the restored slide reports, against the source pixels' own size.
+- mpp: what the restored slide reports, against the source pixels' own size;
+- glass step: the largest (and mean) jump of the glass colour across tissue/background tile borders, in
+  grey levels, at 1:1 and at overview zoom (both sides averaged 16x16);
+- with ``--whole``: edge/int, seam and PSNR of coding the whole image in one piece, the floor of tiling.
 
 Slides without a recorded resolution take ``--source-mpp`` (tcga-cr-7395 records none).
 """
@@ -40,7 +43,7 @@ def measure(slide_path: Path, model, margin: int | None, halo: int | None, sourc
 
     import wsicodec
     from wsicodec.format.container import Container
-    from wsicodec.quality import edge_interior_ratio, error_seam_ratio, psnr, tissue_loss
+    from wsicodec.quality import edge_interior_ratio, error_seam_ratio, glass_step, psnr, tissue_loss
     from wsicodec.source.slide import SourceSlide
     from wsicodec.source.tissue import tissue_like
 
@@ -70,8 +73,16 @@ def measure(slide_path: Path, model, margin: int | None, halo: int | None, sourc
             glass_err.append(np.abs(restored[sl].astype(np.float32) - source[sl]).mean())
     keep = np.repeat(np.repeat(tissue, t, 0), t, 1)[:grid.height, :grid.width]
     whole = _whole_image(model, c.quantizer, source, t, tissue, keep) if WHOLE else {}
+    step = glass_step(restored, ~like, t, tissue)
+    # overview zoom: both images averaged 16x16, the step measured on tiles of t/16 px
+    k = 16
+    hh, ww = (grid.height // k) * k, (grid.width // k) * k
+    small = restored[:hh, :ww].reshape(hh // k, k, ww // k, k, 3).mean(axis=(1, 3))
+    small_glass = ~like[:hh, :ww].reshape(hh // k, k, ww // k, k).any(axis=(1, 3))
+    step16 = glass_step(small, small_glass, t // k, tissue, band=2, min_pixels=4)
     return {
         **whole,
+        "step": step["max"], "step_mean": step["mean"], "step16": step16["max"],
         "lost": loss["lost_fraction"], "worst": loss["worst_tile"],
         "glass_mae": float(np.mean(glass_err)) if glass_err else float("nan"),
         "edge": edge_interior_ratio(restored, source, t, tissue),
@@ -124,7 +135,7 @@ def main() -> None:
             sys.exit(f"slide not found: {s} (set WSICODEC_SHARED or pass --slides)")
     print(f"{'slide':<12} {'model':<8} {'margin':>6} {'halo':>4} {'blend':>5} {'lost %':>7} {'worst %':>7} "
           f"{'glass':>6} {'edge/int':>8} {'seam':>6} {'PSNR':>6} {'tiles':>7} {'KB':>7} {'enc s':>6} {'mpp':>7} "
-          f"{'true':>7}")
+          f"{'true':>7} {'step 1:1':>8} {'mean':>5} {'step/16':>7}")
     with tempfile.TemporaryDirectory() as tmp:
         for slide in args.slides:
             try:
@@ -145,7 +156,8 @@ def main() -> None:
                                   f"{m['blend']!s:>5} {100 * m['lost']:>7.3f} {100 * m['worst']:>7.2f} "
                                   f"{m['glass_mae']:>6.2f} {m['edge']:>8.3f} {m['seam']:>6.3f} {m['psnr']:>6.2f} "
                                   f"{m['tiles']:>3}/{m['total']:<3} {m['bytes'] / 1e3:>7.0f} "
-                                  f"{m['seconds'] / base:>5.2f}x {m['mpp']:>7.4f} {m['true_mpp']:>7.4f}", flush=True)
+                                  f"{m['seconds'] / base:>5.2f}x {m['mpp']:>7.4f} {m['true_mpp']:>7.4f} "
+                                  f"{m['step']:>8.2f} {m['step_mean']:>5.2f} {m['step16']:>7.2f}", flush=True)
                             if "whole_edge" in m:
                                 print(f"{'':<12} {'  whole image, same codebook':<38} {m['whole_edge']:>8.3f} "
                                       f"{m['whole_seam']:>6.3f} {m['whole_psnr']:>6.2f}", flush=True)

@@ -5,6 +5,7 @@
     edge_interior_ratio(decoded, source, tile_size, tissue) -> error in tiles' outer 2 px / their inside
     error_seam_ratio(decoded, source, tile_size, tissue) -> error-image jumps at tile borders / 8-px grid
     tissue_loss(source, tissue, tile_size) -> tissue-like pixels that background tiles would drop
+    glass_step(decoded, glass_mask, tile_size, tissue) -> the glass colour's jump across tissue/background borders
 """
 
 from __future__ import annotations
@@ -123,3 +124,46 @@ def tissue_loss(source: np.ndarray, tissue: np.ndarray, tile_size: int) -> dict[
             worst = max(worst, float(block.mean()))
     return {"lost_fraction": float(like[background].sum()) / total if total else 0.0, "worst_tile": worst,
             "tissue_like_pixels": float(total)}
+
+
+def glass_step(decoded: np.ndarray, glass_mask: np.ndarray, tile_size: int, tissue: np.ndarray,
+               band: int = 16, min_pixels: int = 64) -> dict[str, float]:
+    """How much the glass colour jumps where a tissue tile meets a background tile.
+
+    For every such border, the mean colour of glass pixels (``glass_mask``: e.g. the source's pixels that
+    are not tissue-like) within ``band`` px on the tissue tile's side is compared with the mean colour of
+    the band on the background tile's side; the step is the largest of the three channels' absolute
+    differences in grey levels. Borders with fewer than ``min_pixels`` glass pixels on the tissue side are
+    skipped. Returns the mean and largest step and the number of borders measured."""
+    img = np.asarray(decoded, np.float64)[..., :3]
+    h, w = img.shape[:2]
+    t = np.asarray(tissue, bool)
+    steps = []
+    rows, cols = t.shape
+    for r in range(rows):
+        for c in range(cols):
+            if not t[r, c]:
+                continue
+            y0, x0 = r * tile_size, c * tile_size
+            y1, x1 = min(y0 + tile_size, h), min(x0 + tile_size, w)
+            for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+                rr, cc = r + dr, c + dc
+                if not (0 <= rr < rows and 0 <= cc < cols) or t[rr, cc]:
+                    continue
+                if dr == -1:
+                    inner, outer = np.s_[y0:y0 + band, x0:x1], np.s_[max(0, y0 - band):y0, x0:x1]
+                elif dr == 1:
+                    inner, outer = np.s_[y1 - band:y1, x0:x1], np.s_[y1:min(h, y1 + band), x0:x1]
+                elif dc == -1:
+                    inner, outer = np.s_[y0:y1, x0:x0 + band], np.s_[y0:y1, max(0, x0 - band):x0]
+                else:
+                    inner, outer = np.s_[y0:y1, x1 - band:x1], np.s_[y0:y1, x1:min(w, x1 + band)]
+                m = np.asarray(glass_mask, bool)[inner]
+                if m.sum() < min_pixels or img[outer].size == 0:
+                    continue
+                a = img[inner][m].mean(axis=0)
+                b = img[outer].reshape(-1, 3).mean(axis=0)
+                steps.append(float(np.abs(a - b).max()))
+    if not steps:
+        return {"mean": math.nan, "max": math.nan, "borders": 0}
+    return {"mean": float(np.mean(steps)), "max": float(np.max(steps)), "borders": len(steps)}

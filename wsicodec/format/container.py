@@ -296,11 +296,15 @@ class Container:
 
     @property
     def glass_rgb(self) -> tuple[int, int, int]:
-        """The slide's glass colour, painted into background tiles (white in containers that record none)."""
-        rgb = (self.attrs.get("glass") or {}).get("rgb")
-        if isinstance(rgb, list) and len(rgb) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in rgb):
-            return (rgb[0], rgb[1], rgb[2])
-        return (255, 255, 255)
+        """The slide's glass colour as measured (white in containers that record none)."""
+        return _rgb((self.attrs.get("glass") or {}).get("rgb")) or (255, 255, 255)
+
+    @property
+    def glass_paint_rgb(self) -> tuple[int, int, int]:
+        """What background tiles inside the image are painted with: the model's own decode of glass
+        (``glass.paint_rgb``) where the container records it, so they meet the glass decoded inside
+        tissue tiles without a step; else the measured glass colour, as containers before it decode."""
+        return _rgb((self.attrs.get("glass") or {}).get("paint_rgb")) or self.glass_rgb
 
     @property
     def archived_mpp(self) -> float:
@@ -475,3 +479,11 @@ class Container:
 
 def open_container(path: str | os.PathLike) -> Container:
     return Container.open(path)
+
+
+def _rgb(value) -> tuple[int, int, int] | None:
+    """Three JSON integers 0-255 (booleans are not integers), else None."""
+    if (isinstance(value, list) and len(value) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in value)):
+        return (value[0], value[1], value[2])
+    return None

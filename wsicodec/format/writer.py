@@ -40,6 +40,7 @@ class ContainerWriter:
                  resolution: dict | None = None, associated: dict[str, np.ndarray] | None = None,
                  overwrite: bool = False, single_file: bool = False, tool_version: str | None = None,
                  shard_tiles: int = SHARD_TILES, glass: tuple[int, int, int] | None = None,
+                 glass_paint: tuple[int, int, int] | None = None,
                  encode_margin_px: int | None = None, encoding: dict[str, Any] | None = None):
         self.out_path = Path(out_path)
         self.overwrite = overwrite
@@ -89,6 +90,7 @@ class ContainerWriter:
         self.created = utc_now()
         self.shard_tiles = int(shard_tiles)
         self.glass = None if glass is None else [int(v) for v in glass]
+        self.glass_paint = None if glass_paint is None else [int(v) for v in glass_paint]
         # how the tiles were chosen and encoded (informative; batch runs compare it to skip finished slides)
         self.encoding = plain({**(encoding or {}),
                                **({"margin_px": int(encode_margin_px)} if encode_margin_px is not None else {})})
@@ -173,7 +175,8 @@ class ContainerWriter:
             },
             "tiles": {"tissue": int(self.tissue.sum()), "total": self.rows * self.cols},
             "integrity": {"array": INTEGRITY_ARRAY, "algorithm": "sha256", "write_id": self.write_id},
-            **({"glass": {"rgb": self.glass}} if self.glass is not None else {}),
+            **({"glass": {"rgb": self.glass, **({"paint_rgb": self.glass_paint} if self.glass_paint else {})}}
+               if self.glass is not None else {}),
             **({"encoding": self.encoding} if self.encoding else {}),
         })
 

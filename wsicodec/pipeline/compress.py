@@ -150,6 +150,22 @@ def encode_batches(model: Autoencoder, slide: SourceSlide, grid: TileGrid, coord
         yield batch_coords, encode(batch_tiles)
 
 
+def decoded_glass_colour(model: Autoencoder, quantizer: Quantizer, background: np.ndarray,
+                         halo: int) -> tuple[int, int, int]:
+    """The mean colour the model decodes a stored glass tile to, among glass neighbours (its halo), rounded:
+    what background tiles are painted with, so that they meet the glass decoded inside tissue tiles without
+    a step (the measured glass colour differs from it by a few grey levels, a visible box at overview)."""
+    n = background.shape[-1]
+    reps = 1 + 2 * -(-halo // n) if halo else 1
+    window = np.tile(background, (1, reps, reps))
+    z = quantizer.dequantize(window[None])
+    rgb = model.decode(z)[0]
+    k = (reps // 2) * n * int(model.info.spatial_factor)
+    t = n * int(model.info.spatial_factor)
+    centre = rgb[k:k + t, k:k + t].reshape(-1, 3).astype(np.float64)
+    return tuple(int(v) for v in np.clip(np.rint(centre.mean(axis=0)), 0, 255))  # type: ignore[return-value]
+
+
 def glass_tile_latents(model: Autoencoder, tile_size: int, glass: tuple[int, int, int] = (255, 255, 255),
                        margin: int = 0) -> torch.Tensor:
     """Latents of a tile of plain glass: what background tiles and the world past the slide stand for."""
@@ -357,11 +373,13 @@ def compress(slide_path: str | os.PathLike, out_path: str | os.PathLike, *, mode
                                    sample_tiles=sample_tiles, seed=seed, batch_size=batch_size,
                                    workers=read_workers, on_batch=lambda n: prog.advance(task, n), **context)
             background = quantizer.quantize(glass_tile_latents(autoencoder, tile_size, layout.glass, margin))[0]
+            halo = int(getattr(autoencoder, "decode_halo_cells", 3))
+            glass_paint = decoded_glass_colour(autoencoder, quantizer, background, halo)
             writer = ContainerWriter(
                 out_path, grid=layout.grid, model=autoencoder.info, quantizer=quantizer, tissue=layout.tissue,
                 background=background, source=None, resolution=resolution_record(slide, layout.grid),
                 associated=slide.associated_images(), overwrite=overwrite, single_file=single_file,
-                tool_version=__version__, glass=layout.glass, encode_margin_px=margin,
+                tool_version=__version__, glass=layout.glass, glass_paint=glass_paint, encode_margin_px=margin,
                 encoding={"tissue_threshold": None if all_tiles else tissue_threshold, "all_tiles": all_tiles,
                           "decode_halo_cells": int(getattr(autoencoder, "decode_halo_cells", 3)),
                           "decode_blend_px": int(getattr(autoencoder, "decode_blend_px", 0)),

@@ -92,7 +92,7 @@ class TileDecoder:
         self._white.setflags(write=False)
         # background tiles inside the image come back as the slide's glass (white in 1.0 containers);
         # past the image's edge stays white, as the TIFF writer pads
-        self.glass = tuple(getattr(container, "glass_rgb", (WHITE, WHITE, WHITE)))
+        self.glass = tuple(getattr(container, "glass_paint_rgb", None) or getattr(container, "glass_rgb", (WHITE,) * 3))
         self._glass = np.empty((self.tile_size, self.tile_size, 3), np.uint8)
         self._glass[:] = np.asarray(self.glass, np.uint8)
         self._glass.setflags(write=False)
