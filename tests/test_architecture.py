@@ -99,7 +99,7 @@ def test_the_core_does_not_import_the_tools():
 def test_public_api():
     for name in ("compress", "restore", "open", "Container", "load_model", "Autoencoder", "WsicodecError",
                  "SlideError", "ModelError", "ContainerError", "OutputExistsError", "CompressResult",
-                 "RestoreResult", "__version__"):
+                 "RestoreResult", "restore_region", "__version__"):
         assert hasattr(wsicodec, name), name
         assert name in wsicodec.__all__
     import dataclasses

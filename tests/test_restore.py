@@ -199,11 +199,13 @@ def test_background_tiles_are_the_slides_glass_and_not_decoded(tiny_container, t
     container = Container.open(tiny_container)
     tissue = np.asarray(container.tissue)
     assert summary.decoded_tiles == int(tissue.sum()) < tissue.size
-    # the synthetic slide's glass is (243, 243, 245); compress measured it and restore paints it
+    # the synthetic slide's glass is (243, 243, 245); compress measured it, and restore paints background
+    # tiles with the glass the model itself decodes (glass.paint_rgb), so they meet tissue tiles' glass
     assert np.abs(np.array(container.glass_rgb) - (243, 243, 245)).max() <= 3
     level0 = tiff_levels(tmp_path / "a.tiff")[0]
     r, c = np.argwhere(~tissue)[0]
-    assert (level0[r * 256 : (r + 1) * 256, c * 256 : (c + 1) * 256] == container.glass_rgb).all()
+    assert container.attrs["glass"]["paint_rgb"] == list(container.glass_paint_rgb)
+    assert (level0[r * 256 : (r + 1) * 256, c * 256 : (c + 1) * 256] == container.glass_paint_rgb).all()
 
 
 def test_restore_is_deterministic(tiny_container, tmp_path):

@@ -2,6 +2,7 @@
 
     wsicodec.compress("slide.svs", "slide.pzarr")    # -> CompressResult
     wsicodec.restore("slide.pzarr", "slide.tiff")    # -> RestoreResult; a pyramidal BigTIFF OpenSlide opens
+    wsicodec.restore_region("slide.pzarr", "r.png", x, y, w, h)  # one region as an image file
     wsicodec.open("slide.pzarr")                     # an openslide.AbstractSlide decoding on demand
     wsicodec.Container.open("slide.pzarr")           # the container itself (formats/pzarr-v1.md)
     wsicodec.load_model("taef2")                     # an Autoencoder by name or folder
@@ -24,7 +25,7 @@ from wsicodec.errors import (
 from wsicodec.format.container import Container
 from wsicodec.models import Autoencoder, load_model
 from wsicodec.pipeline.compress import CompressResult, compress
-from wsicodec.pipeline.restore import RestoreResult, restore
+from wsicodec.pipeline.restore import RestoreResult, restore, restore_region
 from wsicodec.reader import PzarrSlide, open  # noqa: A004 - mirrors openslide.open_slide's role
 
 __all__ = [
@@ -43,4 +44,5 @@ __all__ = [
     "load_model",
     "open",
     "restore",
+    "restore_region",
 ]
