@@ -17,6 +17,7 @@ Interface:
          background tiles come back as the container's background (the stored encoding of a glass tile; a white one in 1.0)
     c.read_tile(row, col) -> (C, t/f, t/f) stored values;  c.describe() -> dict;  c.disk_bytes() -> int
     c.verify() -> list[Problem]                   # every key against the manifest, every chunk read; [] if intact
+    c.check_latent_shards(y0, x0, y1, x1)         # (read_latents does it) each shard hashed at its first read
     stored_tile_bytes(stored: np.ndarray) -> int   # bytes one tile costs in a container (same codec + shard index)
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import warnings
 import zipfile
 from pathlib import Path
@@ -73,6 +75,10 @@ class Container:
         self.checksummed = False
         self.manifest: dict[str, Any] | None = None
         self._root_sha256: str | None = None
+        # latent shards are hashed against the manifest once each, at their first read (format 1.1)
+        self._shard_verdicts: dict[str, str | None] = {}  # key -> None when it matches, else what is wrong
+        self._shard_lock = threading.Lock()
+        self._shard_store: KeyStore | None = None
 
     # -------------------------------------------------------------------------- opening
     @classmethod
@@ -252,6 +258,10 @@ class Container:
                                  f"missing or cut short): {self.path}")
 
     def close(self) -> None:
+        with self._shard_lock:
+            if self._shard_store is not None:
+                self._shard_store.close()
+                self._shard_store = None
         try:
             self._store.close()
         except Exception:
@@ -356,6 +366,7 @@ class Container:
         tis = self.tissue[y0 // tl:(y1 - 1) // tl + 1, x0 // tl:(x1 - 1) // tl + 1]
         if not tis.any():
             return out
+        self.check_latent_shards(y0, x0, y1, x1)
         try:
             data = self._latents[:, y0:y1, x0:x1]
         except Exception as exc:
@@ -369,6 +380,44 @@ class Container:
         view = out[:, y0 - r0:y1 - r0, x0 - c0:x1 - c0]
         np.copyto(view, data, where=cell_tissue[None])
         return out
+
+    def check_latent_shards(self, y0: int, x0: int, y1: int, x1: int) -> None:
+        """Every latent shard a read of cells [y0, y1) x [x0, x1) touches must hash as the manifest says.
+
+        A shard is hashed once, at its first touch, and its verdict kept for this open container: a chunk
+        with a valid CRC-32C copied from another tile or another container of the same shape is refused here
+        rather than decoded into wrong pixels. A key the manifest does not list must not exist. Format 1.0
+        containers have no manifest: nothing to check against.
+        """
+        if self.manifest is None:
+            return
+        span = int(self.attrs.get("layout", {}).get("shard_tiles") or SHARD_TILES) * self.tile_cells
+        keys = [f"latents/c/0/{i}/{j}" for i in range(y0 // span, (y1 - 1) // span + 1)
+                for j in range(x0 // span, (x1 - 1) // span + 1)]
+        for key in keys:
+            verdict = self._shard_verdicts[key] if key in self._shard_verdicts else self._hash_shard(key)
+            if verdict is not None:
+                self.check_generation()  # a container replaced under us says so, not "damaged"
+                raise ContainerError(f"damaged container: {key}: {verdict}: {self.path}")
+
+    def _hash_shard(self, key: str) -> str | None:
+        with self._shard_lock:
+            if key in self._shard_verdicts:
+                return self._shard_verdicts[key]
+            if self._shard_store is None:
+                self._shard_store = KeyStore.for_path(self.path)
+            store, rec = self._shard_store, self.manifest["keys"].get(key)
+            try:
+                if rec is None:
+                    verdict = None if store.size(key) is None else "not in the manifest (added after writing)"
+                elif store.size(key) != rec.get("size"):
+                    verdict = f"size {store.size(key)} bytes, manifest says {rec.get('size')}"
+                else:
+                    verdict = None if store.sha256(key) == rec.get("sha256") else "SHA-256 does not match the manifest"
+            except (OSError, zipfile.BadZipFile, ValueError, KeyError) as exc:
+                verdict = f"unreadable ({_one_line(exc)})"
+            self._shard_verdicts[key] = verdict
+            return verdict
 
     def read_tile(self, row: int, col: int) -> np.ndarray:
         """Stored values of one tile (C, t/f, t/f); a background tile gives the background values."""

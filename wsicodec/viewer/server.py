@@ -425,6 +425,10 @@ def build_app(entries: dict[str, SlideEntry], *, workers: int | None = None, cac
     async def server_error(request: Request, exc: Exception):
         return PlainTextResponse("internal error", status_code=500)
 
+    async def refused(request: Request, exc: Exception):
+        # a damaged or replaced container: say so (409 Conflict), never serve pixels it did not hold
+        return PlainTextResponse(f"error: {' '.join(str(exc).split())}", status_code=409)
+
     tile_path = "_files/{level:int}/{col:int}_{row:int}.jpeg"
     routes = [
         Route("/", index),
@@ -437,7 +441,8 @@ def build_app(entries: dict[str, SlideEntry], *, workers: int | None = None, cac
         routes += [Route(f"/{kind}/{{name}}.dzi", dzi), Route(f"/{kind}/{{name}}{tile_path}", tile)]
     routes.append(Mount("/static", app=StaticFiles(directory=STATIC_DIR, html=False), name="static"))
 
-    app = Starlette(routes=routes, exception_handlers={HTTPException: not_found, 500: server_error})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: not_found, WsicodecError: refused,
+                                                         500: server_error})
     app.add_middleware(_TileCounter, stats=stats)
     app.state.entries = entries
     app.state.cache = cache
