@@ -31,6 +31,17 @@ def _pack_zip(src_dir: Path, zip_path: Path) -> None:
             zf.write(p, p.relative_to(src_dir).as_posix())
 
 
+def write_manifest(root: zarr.Group, folder: Path, write_id: str) -> None:
+    """Seal every key of the directory store ``folder`` (opened as ``root``) in its "integrity" array, replacing
+    any there: the manifest, then the array's metadata exactly as formats/pzarr-v1.md section 3.6 prescribes."""
+    blob = np.frombuffer(manifest_bytes(build_manifest(KeyStore.for_path(folder), write_id)), dtype=np.uint8)
+    a = root.create_array(INTEGRITY_ARRAY, shape=blob.shape, dtype="uint8", chunks=blob.shape,
+                          compressors=[Crc32cCodec()], fill_value=0, chunk_key_encoding=CHUNK_KEY_ENCODING,
+                          dimension_names=["byte"], attributes={"media_type": "application/json"},
+                          config={"write_empty_chunks": True}, overwrite=True)
+    a[...] = blob
+
+
 # ------------------------------------------------------------------------------ writer
 class ContainerWriter:
     """Write one slide's container under a temporary sibling name; rename it into place when complete."""
@@ -251,14 +262,7 @@ class ContainerWriter:
 
     def _write_manifest(self) -> None:
         """Seal every key written so far (root attributes included) in the "integrity" array."""
-        store = KeyStore.for_path(self._tmp_dir)
-        blob = np.frombuffer(manifest_bytes(build_manifest(store, self.write_id)), dtype=np.uint8)
-        a = self._root.create_array(INTEGRITY_ARRAY, shape=blob.shape, dtype="uint8", chunks=blob.shape,
-                                    compressors=[Crc32cCodec()], fill_value=0,
-                                    chunk_key_encoding=CHUNK_KEY_ENCODING, dimension_names=["byte"],
-                                    attributes={"media_type": "application/json"},
-                                    config={"write_empty_chunks": True})
-        a[...] = blob
+        write_manifest(self._root, self._tmp_dir, self.write_id)
 
     def abort(self) -> None:
         """Remove everything written so far; out_path is left as it was."""
