@@ -19,6 +19,7 @@ from typing import Optional
 
 import typer
 
+from wsicodec._io import check_output_path
 from wsicodec.errors import WsicodecError
 from wsicodec.quant.quantizer import KINDS, kinds_help
 
@@ -72,6 +73,16 @@ def _user_errors():
             signal.signal(signal.SIGTERM, previous)
 
 
+def _batch_mode(paths: list[str], kind: str) -> bool:
+    """Whether the arguments ask for a batch; names too long for any filesystem are refused first."""
+    from wsicodec._io import check_name_length
+    from wsicodec.pipeline import batch
+
+    for p in paths:
+        check_name_length(p)
+    return batch.is_batch(paths, kind)
+
+
 # ---------------------------------------------------------------- compress / info
 @app.command()
 def compress(
@@ -102,7 +113,9 @@ def compress(
     from wsicodec.pipeline import batch
     from wsicodec.pipeline.compress import compress as run
 
-    if batch.is_batch(paths, "compress"):
+    with _user_errors():
+        batch_mode = _batch_mode(paths, "compress")
+    if batch_mode:
         with _user_errors():
             options = batch.CompressOptions(
                 model=model, quant=quant, levels=levels, target_mpp=mpp, source_mpp=source_mpp, all_tiles=all_tiles,
@@ -123,6 +136,7 @@ def compress(
     with _user_errors():
         if ray is not None:
             raise WsicodecError("--ray runs batches: give an output folder (OUT/) as the last argument")
+        check_output_path(out)  # before any encoding
         summary = run(slide, out, model=model, quant=quant, levels=levels, target_mpp=mpp, source_mpp=source_mpp,
                       all_tiles=all_tiles, batch_size=batch_size, device=device, read_workers=workers,
                       tissue_threshold=tissue_threshold, encode_margin=encode_margin, overwrite=overwrite, single_file=single_file,
@@ -271,7 +285,9 @@ def restore(
     from wsicodec.pipeline.restore import restore_region as _restore_region
 
     # `restore X.pzarr OUT --format dicom`: OUT is the DICOM folder (existing or not, trailing / or not), not a batch
-    if not (fmt == "dicom" and len(paths) == 2) and batch.is_batch(paths, "restore"):
+    with _user_errors():
+        batch_mode = not (fmt == "dicom" and len(paths) == 2) and _batch_mode(paths, "restore")
+    if batch_mode:
         with _user_errors():
             if region is not None:
                 raise WsicodecError("--region restores one region of one container; not in a batch")
@@ -301,9 +317,10 @@ def restore(
             raise WsicodecError("--format dicom writes JPEG baseline tiles; --compression applies to TIFF only")
         if region is not None:
             x, y, w, h = region
-            _restore_region(container, out, x, y, w, h, level=level, device=device, batch_size=batch_size,
-                            model=model, force=force, overwrite=overwrite)
-            typer.echo(f"wrote {out} ({w}x{h} px at level {level})")
+            img = _restore_region(container, out, x, y, w, h, level=level, device=device, batch_size=batch_size,
+                                  model=model, force=force, overwrite=overwrite)
+            clipped = " (the region clipped to the image)" if img.shape[:2] != (h, w) else ""
+            typer.echo(f"wrote {out} ({img.shape[1]}x{img.shape[0]} px at level {level}){clipped}")
             return
         summary = _restore_tiff(container, out, compression=compression, quality=quality, device=device,
                                 batch_size=batch_size, model=model, force=force, overwrite=overwrite,

@@ -13,7 +13,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from wsicodec._io import commit, disk_bytes, partial_name, remove_path, remove_stale_partials
+from wsicodec._io import check_output_path, commit, disk_bytes, partial_name, remove_path, remove_stale_partials
 from wsicodec.errors import ContainerError, OutputExistsError
 from wsicodec.format.container import Container
 from wsicodec.format.integrity import INTEGRITY_ARRAY, KeyStore, build_manifest, manifest_bytes
@@ -55,6 +55,7 @@ class ContainerWriter:
         self.out_path = Path(out_path)
         self.overwrite = overwrite
         self.single_file = single_file
+        check_output_path(self.out_path)  # no device, FIFO or socket, not inside another container
         if (self.out_path.exists() or self.out_path.is_symlink()) and not overwrite:
             raise OutputExistsError(f"{self.out_path} already exists (use --overwrite to replace it)")
         if self.out_path.exists() and overwrite:
