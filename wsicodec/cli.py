@@ -9,6 +9,7 @@ Each command's work is done by the module named after its stage; the functions h
 from __future__ import annotations
 
 import signal
+import socket
 import sys
 import threading
 import zipfile
@@ -566,8 +567,21 @@ def serve(
         if host not in ("127.0.0.1", "localhost", "::1"):
             typer.secho(f"warning: serving on {host}: anyone who can reach it can read these slides",
                         fg=typer.colors.YELLOW, err=True)
-        typer.echo(f"serving {len(entries)} slide(s) on http://{host}:{port}/ (Ctrl-C stops)")
-        uvicorn.run(app_, host=host, port=port, log_level="warning")
+        # bind here, so that --port 0 (any free port) can say which port it got
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            sock.close()
+            raise WsicodecError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
+        real_port = sock.getsockname()[1]
+        shown = f"[{host}]" if ":" in host else host
+        typer.echo(f"serving {len(entries)} slide(s) on http://{shown}:{real_port}/ (Ctrl-C stops)")
+        server = uvicorn.Server(uvicorn.Config(app_, host=host, port=real_port, log_level="warning"))
+        server.run(sockets=[sock])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -41,6 +41,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -53,6 +54,22 @@ JPEG_QUALITY = 80
 DIFF_GAIN = 4.0
 ASSOCIATED_MAX = 600  # px, long side of label/macro images as served
 THUMB_MAX = 256
+
+
+class _TileNumber(Convertor):
+    """A DeepZoom level, column or row in a URL: 1 to 18 digits. Longer numbers (a 5001-digit level, past
+    Python's int-from-text limit) never match a route, so they are a 404 like any other unknown address."""
+
+    regex = "[0-9]{1,18}"
+
+    def convert(self, value: str) -> int:
+        return int(value)
+
+    def to_string(self, value: int) -> str:
+        return str(int(value))
+
+
+register_url_convertor("tilenum", _TileNumber())
 
 
 # ---------------------------------------------------------------------------------------------- slides
@@ -429,7 +446,7 @@ def build_app(entries: dict[str, SlideEntry], *, workers: int | None = None, cac
         # a damaged or replaced container: say so (409 Conflict), never serve pixels it did not hold
         return PlainTextResponse(f"error: {' '.join(str(exc).split())}", status_code=409)
 
-    tile_path = "_files/{level:int}/{col:int}_{row:int}.jpeg"
+    tile_path = "_files/{level:tilenum}/{col:tilenum}_{row:tilenum}.jpeg"
     routes = [
         Route("/", index),
         Route("/view/{name}", view),
