@@ -386,6 +386,10 @@ def test_a_symlink_loop_in_a_restore_input_folder_is_one_line(container, tmp_pat
     (tmp_path / "out").mkdir()
     one_error_line(run_cli("restore", folder, tmp_path / "out", "--device", "cpu", "-q"), "symbolic link loop")
     assert os.listdir(tmp_path / "out") == []
+    # the loop named as the container itself
+    one_error_line(run_cli("restore", folder / "loop", tmp_path / "o.tiff", "--device", "cpu", "-q"),
+                   "symbolic link loop")
+    assert sorted(os.listdir(tmp_path)) == ["in", "out"]
 
 
 def _special(kind: str, path: Path) -> Path:

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 import zipfile
@@ -65,9 +66,18 @@ def _is_container(path: Path) -> bool:
         return False
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def _check_not_input(container_path: str | os.PathLike, out_path: Path) -> None:
     """Refuse outputs that would replace or write into the container being read."""
-    src, dst = Path(container_path).resolve(), out_path.resolve()
+    try:
+        src, dst = Path(container_path).resolve(), out_path.resolve()
+    except (RuntimeError, OSError) as exc:  # Python 3.11-3.12 report a symbolic link loop as RuntimeError
+        loop = isinstance(exc, RuntimeError) or getattr(exc, "errno", None) == errno.ELOOP
+        raise WsicodecError(f"{_one_line(exc) if not loop else 'a symbolic link loop'}: "
+                            f"{container_path} -> {out_path}") from None
     try:
         same = dst == src or (src.exists() and dst.exists() and os.path.samefile(src, dst))
     except OSError:
