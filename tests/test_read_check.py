@@ -11,11 +11,11 @@ cannot tell them apart) while their bytes, and the pixels they decode to, differ
 from __future__ import annotations
 
 import shutil
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_safety import zip_container
 from typer.testing import CliRunner
 
 import wsicodec
@@ -65,14 +65,6 @@ def _shard(path: Path, row: int, col: int) -> Path:
     return path / "latents" / "c" / "0" / str(row) / str(col)
 
 
-def _zip(folder: Path, dest: Path) -> Path:
-    with zipfile.ZipFile(dest, "w", zipfile.ZIP_STORED) as zf:
-        for f in sorted(folder.rglob("*")):
-            if f.is_file():
-                zf.write(f, f.relative_to(folder).as_posix())
-    return dest
-
-
 @pytest.fixture(params=["within", "other-container"])
 def damaged(request, pair, tmp_path) -> Path:
     """A copy of container a with the shard of tile (1, 2) replaced by a same-size one that is valid Zarr."""
@@ -87,7 +79,7 @@ def damaged(request, pair, tmp_path) -> Path:
 
 @pytest.fixture(params=["directory", "zip"])
 def damaged_any(request, damaged, tmp_path) -> Path:
-    return damaged if request.param == "directory" else _zip(damaged, tmp_path / "damaged-zip.pzarr")
+    return damaged if request.param == "directory" else zip_container(damaged, tmp_path / "damaged-zip.pzarr")
 
 
 def test_the_damaged_shard_is_valid_zarr_and_decodes_otherwise(damaged, pair):
