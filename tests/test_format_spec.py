@@ -599,7 +599,7 @@ def test_spec_states_the_models_decode_halo_blend_and_margin():
     example = json_examples()[0]["attributes"]["pzarr"]["encoding"]
     assert (example["decode_halo_cells"], example["decode_blend_px"], example["margin_px"]) == \
         (th, tb, TAEF2.encode_margin_px)
-    # and the library reads the defaults as the spec states them: absent, and out of range
+    # the decoder falls back to the defaults for absent values (and for bad ones, which Container.open refuses first)
     class Attrs:
         def __init__(self, enc):
             self.attrs = {} if enc is None else {"encoding": enc}
