@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import zipfile
 from pathlib import Path
 
@@ -27,6 +28,12 @@ import zarr
 REPO = Path(__file__).resolve().parents[1]
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 EMPTY = 2**64 - 1
+# section 4, "Integers": keys of type integer, present ones must hold JSON integers (bounded where stated)
+INTEGER_KEYS = {"grid": ["tile_size", "width", "height", "rows", "cols", "level", "origin_x", "origin_y"],
+                "model": ["latent_channels", "spatial_factor"], "quantizer": ["levels"],
+                "layout": ["channels", "tile_cells", "shard_tiles", "zstd_level"], "tiles": ["tissue", "total"],
+                "encoding": ["margin_px", "decode_halo_cells", "decode_blend_px", "kept_at_full_resolution"]}
+BOUNDS = {("encoding", "decode_halo_cells"): (0, 64), ("encoding", "decode_blend_px"): (0, 256)}
 
 
 class SpecError(Exception):
@@ -104,14 +111,21 @@ class SpecReader:
         a = json.loads(root_doc)["attributes"].get("pzarr")
         if not isinstance(a, dict) or a.get("format") != "pzarr":
             raise SpecError("a Zarr store without pzarr attributes")
-        major, minor = (int(v) for v in str(a["version"]).split("."))
+        version = a.get("version")  # 5.1: exactly "MAJOR.MINOR"
+        m = re.fullmatch(r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)", version) if isinstance(version, str) else None
+        if m is None:
+            raise SpecError(f"bad version {version!r}")
+        major, minor = int(m.group(1)), int(m.group(2))
         if major != 1:
             raise SpecError(f"unknown major version {a['version']}")
         if a.get("complete") is not True:
             raise SpecError("not marked complete")
         self.attrs = a
         self.root = zarr.open_group(store, mode="r", zarr_format=3)
+        if minor == 0:
+            self.check_nothing_of_1_1()
         self.manifest = self.check_integrity() if minor >= 1 else None
+        self.check_integers()
 
         g, m, q, lay = a["grid"], a["model"], a["quantizer"], a["layout"]
         self.C, self.f, self.T = m["latent_channels"], m["spatial_factor"], g["tile_size"]
@@ -145,6 +159,36 @@ class SpecReader:
         self.glass = tuple(rgb) if ok else (255, 255, 255)
         self.input_range = tuple(m["input_range"])
 
+    # ------------------------------------------------------------------------ 4, "Integers"
+    def check_integers(self) -> None:
+        for group, names in INTEGER_KEYS.items():
+            rec = self.attrs.get(group) or {}
+            for name in (n for n in names if n in rec):
+                v = rec[name]
+                lo, hi = BOUNDS.get((group, name), (-math.inf, math.inf))
+                if type(v) is not int or not lo <= v <= hi:  # json: true is a bool, 3.0 a float
+                    raise SpecError(f"{group}.{name} = {v!r} is not an integer in range")
+        size = (self.attrs.get("source") or {}).get("size")
+        pairs = self.attrs["layout"].get("zero_shards", [])
+        if (size is not None and type(size) is not int) or \
+                not all(len(k) == 2 and all(type(i) is int for i in k) for k in pairs):
+            raise SpecError("source.size or layout.zero_shards is not made of integers")
+
+    # ------------------------------------------------------------------------ 5.1
+    def check_nothing_of_1_1(self) -> None:
+        """A root saying "1.0" over a container with anything only 1.1 has is damage."""
+        a = self.attrs
+        if {"integrity", "glass", "encoding"} & set(a) or "archived_mpp" in (a.get("resolution") or {}):
+            raise SpecError("1.0 root with 1.1 attributes")
+        for key in self.raw.keys():
+            if key.startswith("integrity/"):
+                raise SpecError("1.0 root with an integrity array")
+            if key.endswith("zarr.json") and key != "zarr.json":
+                codecs = json.loads(self.raw.read(key)).get("codecs", [])
+                inner = [c for s in codecs if s["name"] == "sharding_indexed" for c in s["configuration"]["codecs"]]
+                if "crc32c" in [c["name"] for c in codecs + inner]:  # not the shard index's own chain
+                    raise SpecError(f"1.0 root with crc32c in {key}")
+
     # ------------------------------------------------------------------------ 5.3
     def check_integrity(self) -> dict:
         rec = self.attrs.get("integrity")
@@ -154,9 +198,15 @@ class SpecReader:
         chunk = self.raw.read("integrity/c/0")
         if meta is None or chunk is None:
             raise SpecError("no integrity array")
-        codecs = [c["name"] for c in json.loads(meta)["codecs"]]
-        if codecs != ["bytes", "crc32c"]:
-            raise SpecError(f"integrity codecs {codecs}")
+        n = len(chunk) - 4  # 3.6: the one content integrity/zarr.json may have
+        want = {"zarr_format": 3, "node_type": "array", "shape": [n], "data_type": "uint8",
+                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [n]}},
+                "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}}, "fill_value": 0,
+                "codecs": [{"name": "bytes"}, {"name": "crc32c"}], "attributes": {"media_type": "application/json"},
+                "dimension_names": ["byte"], "storage_transformers": []}
+        doc = json.loads(meta)
+        if canonical({"storage_transformers": [], **doc}) != canonical(want):  # canonical: false is not 0
+            raise SpecError("integrity/zarr.json is not the prescribed one")
         raw = strip_crc32c(chunk, "integrity/c/0")
         if raw != np.asarray(self.root["integrity"][...]).tobytes():  # Zarr reads the same bytes
             raise SpecError("integrity array reads differently through Zarr")
@@ -226,12 +276,13 @@ class SpecReader:
 
     # ------------------------------------------------------------------------ 7, parameters
     def decode_parameters(self) -> tuple[int, int]:
-        """(H, b): encoding.decode_halo_cells and decode_blend_px, else 3 and 0 (absent or out of range)."""
+        """(H, b): encoding.decode_halo_cells and decode_blend_px, else 3 and 0 (absent); anything else is damage."""
         enc = self.attrs.get("encoding") or {}
         h, b = enc.get("decode_halo_cells"), enc.get("decode_blend_px")
-        halo = h if type(h) is int and 0 <= h <= 64 else 3
-        blend = b if type(b) is int and 0 <= b <= 256 else 0
-        return halo, blend
+        if (h is not None and not (type(h) is int and 0 <= h <= 64)) or \
+                (b is not None and not (type(b) is int and 0 <= b <= 256)):
+            raise SpecError(f"decode halo {h!r} or blend {b!r} is not an integer in range")  # 4, "Integers"
+        return (3 if h is None else h), (0 if b is None else b)
 
     # ------------------------------------------------------------------------ 7, steps 1 and 4-8
     def to_uint8(self, p: np.ndarray) -> np.ndarray:
@@ -482,6 +533,36 @@ def test_reader_refuses_damage(compressed, tmp_path):
     shard.write_bytes(bytes(data[:-1]))
     with pytest.raises(SpecError, match="latents/c/0/0/0"):
         SpecReader(p)
+
+
+@pytest.mark.parametrize("damage", ["version-bit", "true-halo", "integrity-metadata", "version-1.1.0"])
+def test_reader_and_library_refuse_the_same_rule_breaks(compressed, tmp_path, damage):
+    """Sections 3.6, 4 and 5.1: both refuse a 1.1 container saying "1.0", a sealed `true` halo, an edited
+    integrity/zarr.json and a version with three parts."""
+    import shutil
+
+    from test_container import _edit_root_attrs
+
+    from wsicodec.errors import ContainerError
+    from wsicodec.format import Container
+
+    p = Path(shutil.copytree(compressed["directory"], tmp_path / "c.pzarr"))
+    if damage == "version-bit":
+        doc = (p / "zarr.json").read_bytes()
+        at = doc.index(b'"version": "1.1"') + len(b'"version": "1.')
+        (p / "zarr.json").write_bytes(doc[:at] + bytes([doc[at] ^ 1]) + doc[at + 1:])
+    elif damage == "true-halo":
+        _edit_root_attrs(p, lambda a: a["encoding"].update(decode_halo_cells=True))
+    elif damage == "integrity-metadata":
+        meta = json.loads((p / "integrity" / "zarr.json").read_text())
+        meta["attributes"]["media_type"] = "application/octet-stream"
+        (p / "integrity" / "zarr.json").write_text(json.dumps(meta))
+    else:
+        _edit_root_attrs(p, lambda a: a.update(version="1.1.0"))
+    with pytest.raises(SpecError):
+        SpecReader(p)
+    with pytest.raises(ContainerError):
+        Container.open(p)
 
 
 def spec_decoder(r: SpecReader):

@@ -308,14 +308,9 @@ def _edit_root_attrs(path: Path, edit, reseal: bool = True) -> None:
     edit(meta["attributes"]["pzarr"])
     (path / "zarr.json").write_text(json.dumps(meta))
     if reseal and "integrity" in meta["attributes"]["pzarr"]:
-        from wsicodec.format.integrity import KeyStore, build_manifest, manifest_bytes
+        from wsicodec.format.writer import write_manifest
 
-        write_id = meta["attributes"]["pzarr"]["integrity"]["write_id"]
-        blob = np.frombuffer(manifest_bytes(build_manifest(KeyStore.for_path(path), write_id)), np.uint8)
-        root = zarr.open_group(path, mode="r+")
-        arr = root.create_array("integrity", shape=blob.shape, dtype="uint8", chunks=blob.shape, overwrite=True,
-                                compressors=[zarr.codecs.Crc32cCodec()], fill_value=0)
-        arr[...] = blob
+        write_manifest(zarr.open_group(path, mode="r+"), path, meta["attributes"]["pzarr"]["integrity"]["write_id"])
 
 
 def test_an_unsealed_edit_of_the_attributes_is_refused(written):

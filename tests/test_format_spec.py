@@ -274,7 +274,8 @@ def test_readers_refuse_what_the_integrity_checks_catch(written, tmp_path, damag
         blob = np.frombuffer(canonical(m), np.uint8)
         zarr.open_group(p, mode="r+").create_array(
             "integrity", shape=blob.shape, dtype="uint8", chunks=blob.shape, overwrite=True,
-            compressors=[zarr.codecs.Crc32cCodec()], fill_value=0, attributes=dict(a.attrs))[...] = blob
+            compressors=[zarr.codecs.Crc32cCodec()], fill_value=0, attributes=dict(a.attrs),
+            dimension_names=["byte"], chunk_key_encoding=ct.spec.CHUNK_KEY_ENCODING)[...] = blob
         match = "seal"
     elif damage == "other-write-id":
         _tamper_root(p, lambda a: a["integrity"].update(write_id="0" * 32))
@@ -297,21 +298,152 @@ def test_readers_refuse_what_the_integrity_checks_catch(written, tmp_path, damag
         ct.Container.open(p)
 
 
-def test_a_1_0_style_container_opens_with_a_warning_about_checksums(written, tmp_path):
-    """Section 5.1: a 1.0 container (no integrity attribute or array) still opens, with a UserWarning."""
-    p = _copy(written, tmp_path / "old.pzarr")
+def as_format_1_0(src: Path, dst: Path) -> Path:
+    """What a 1.0 writer (wsicodec 0.1) made of the same slide: every array and chunk as in ``src`` but with no
+    crc32c in any codec chain, no integrity array and none of 1.1's root attributes (section 5.1)."""
+    old = zarr.open_group(src, mode="r")
+    a = json.loads(json.dumps(old.attrs["pzarr"]))
+    a["version"] = "1.0"
+    for key in ("integrity", "glass", "encoding"):
+        a.pop(key)
+    a["resolution"].pop("archived_mpp")
+    new = zarr.open_group(dst, mode="w", zarr_format=3, attributes={"pzarr": a})
 
-    def to_1_0(a):
-        a["version"] = "1.0"
-        del a["integrity"]
+    def copy(group_old, group_new, name):
+        arr = group_old[name]
+        if name == "integrity":
+            return
+        compressors = [c for c in arr.compressors if not isinstance(c, zarr.codecs.Crc32cCodec)]
+        out = group_new.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=arr.chunks, shards=arr.shards,
+                                     compressors=compressors, fill_value=0, chunk_key_encoding=ct.spec.CHUNK_KEY_ENCODING,
+                                     dimension_names=arr.metadata.dimension_names, attributes=dict(arr.attrs),
+                                     config={"write_empty_chunks": name != "latents"})
+        out[...] = arr[...]
 
-    _tamper_root(p, to_1_0)
-    shutil.rmtree(p / "integrity")
+    for name in old.array_keys():
+        copy(old, new, name)
+    if "associated" in old:
+        grp = new.create_group("associated")
+        for name in old["associated"].array_keys():
+            copy(old["associated"], grp, name)
+    for doc in (json.loads(p.read_text()) for p in dst.rglob("zarr.json")):  # the shard index keeps its CRC
+        chains = [doc.get("codecs") or []] + [c["configuration"]["codecs"] for c in doc.get("codecs") or []
+                                               if c["name"] == "sharding_indexed"]
+        assert "crc32c" not in [c["name"] for chain in chains for c in chain]
+    return dst
+
+
+def test_a_1_0_container_opens_with_a_warning_about_checksums(written, tmp_path):
+    """Section 5.1: a 1.0 container (no integrity attribute or array, no crc32c) still opens, with a UserWarning,
+    and reads the same stored values."""
+    p = as_format_1_0(written, tmp_path / "old.pzarr")
     with pytest.warns(UserWarning, match="checksums"):
         c = ct.Container.open(p)
-    assert c.attrs["version"] == "1.0"
+    assert c.attrs["version"] == "1.0" and not c.checksummed
     np.testing.assert_array_equal(c.read_tile(5, 3), zarr.open_group(written, mode="r")["latents"][
         :, 5 * L:6 * L, 3 * L:4 * L])
+    assert c.verify() == []
+
+
+def test_the_integrity_metadata_the_spec_pins_is_the_one_written(written):
+    """Section 3.6's exact integrity/zarr.json, with N filled in, is what the writer writes and the reader wants."""
+    block = re.search(r"```text\n(\{\"zarr_format\": 3, \"node_type\": \"array\", \"shape\": \[N\].*?)```",
+                      spec_text(), flags=re.S).group(1)
+    n = (written / "integrity" / "c" / "0").stat().st_size - 4
+    pinned = json.loads(block.replace("[N]", f"[{n}]"))
+    assert pinned == json.loads((written / "integrity" / "zarr.json").read_text())
+    assert canonical(pinned) == canonical(ct.spec.integrity_array_metadata(n))
+
+
+def _flip_version_bit(path: Path) -> None:
+    """One bit of the root zarr.json: "1.1" -> "1.0" ('1' is 0x31, '0' is 0x30)."""
+    doc = (path / "zarr.json").read_bytes()
+    at = doc.index(b'"version": "1.1"') + len(b'"version": "1.')
+    (path / "zarr.json").write_bytes(doc[:at] + bytes([doc[at] ^ 0x01]) + doc[at + 1:])
+    assert json.loads((path / "zarr.json").read_text())["attributes"]["pzarr"]["version"] == "1.0"
+
+
+@pytest.mark.parametrize("strip", [(), ("integrity",), ("integrity", "glass", "encoding")])
+def test_a_1_1_container_whose_root_says_1_0_is_damage(written, tmp_path, strip):
+    """Section 5.1: a single flipped bit must not turn the manifest's checks off. Whatever else the root keeps
+    or loses, the integrity array and the crc32c codecs remain, and only 1.1 has them."""
+    p = _copy(written, tmp_path / "c.pzarr")
+    _flip_version_bit(p)
+    if strip:
+        _tamper_root(p, lambda a: [a.pop(k) for k in strip] + [a["resolution"].pop("archived_mpp")])
+    with pytest.raises(ContainerError, match="root says format version 1.0, but it has .*only format 1.1 has"):
+        ct.Container.open(p)
+    if strip == ("integrity", "glass", "encoding"):
+        shutil.rmtree(p / "integrity")  # no manifest either: the crc32c in the arrays' metadata still tells
+        with pytest.raises(ContainerError, match=r"crc32c in \S+/zarr.json"):
+            ct.Container.open(p)
+
+
+@pytest.mark.parametrize("version", ["1.1.0", "1.01", " 1.1", "1.1 ", "v1.1", "1", "1.", "+1.1", "1.1\n", 1.1, None])
+def test_a_version_is_exactly_major_dot_minor(written, tmp_path, version):
+    """Section 5.1: "MAJOR.MINOR" as a JSON string, digits without leading zeros; anything else is refused."""
+    p = _copy(written, tmp_path / "c.pzarr")
+    _tamper_root(p, lambda a: a.update(version=version))
+    with pytest.raises(ContainerError) as err:
+        ct.Container.open(p)
+    assert "unsupported .pzarr format version" in str(err.value) and '"MAJOR.MINOR"' in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("encoding.decode_halo_cells", True), ("encoding.decode_halo_cells", 3.0), ("encoding.decode_halo_cells", 65),
+    ("encoding.decode_blend_px", False), ("grid.tile_size", 256.0), ("tiles.tissue", True),
+    ("model.spatial_factor", "8"), ("source.size", 1.5e6), ("layout.zero_shards", [[True, 0]]),
+])
+def test_integer_fields_are_json_integers(written, tmp_path, field, value):
+    """Section 4: an integer field holds a JSON integer (not true, not 3.0), sealed or not."""
+    from test_container import _edit_root_attrs
+
+    p = _copy(written, tmp_path / "c.pzarr")
+    group, name = field.split(".")
+    _edit_root_attrs(p, lambda a: a[group].update({name: value}))  # resealed, as a buggy writer would
+    with pytest.raises(ContainerError, match=f"damaged container: {re.escape(field)} is "):
+        ct.Container.open(p)
+
+
+def test_a_sealed_true_halo_is_refused_not_read_as_1(written, tmp_path):
+    """`true` is no halo of 1 cell (Python's bool is an int) nor silently the default."""
+    from test_container import _edit_root_attrs
+
+    p = _copy(written, tmp_path / "c.pzarr")
+    _edit_root_attrs(p, lambda a: a["encoding"].update(decode_halo_cells=True))
+    with pytest.raises(ContainerError, match="encoding.decode_halo_cells is true, not an integer"):
+        ct.Container.open(p)
+
+
+@pytest.mark.parametrize("edit", ["codecs", "attributes", "shape", "fill_value", "storage_transformers",
+                                  "extra-member", "whitespace"])
+def test_integrity_zarr_json_is_pinned(written, tmp_path, edit):
+    """Section 3.6: integrity/zarr.json is no key of the manifest; it has one exact content (as parsed JSON)."""
+    p = _copy(written, tmp_path / "c.pzarr")
+    meta_path = p / "integrity" / "zarr.json"
+    doc = json.loads(meta_path.read_text())
+    if edit == "codecs":
+        doc["codecs"] = [{"name": "bytes"}]  # the CRC-32C dropped from the manifest's chunk
+    elif edit == "attributes":
+        doc["attributes"]["media_type"] = "text/plain"
+    elif edit == "shape":
+        doc["shape"] = [doc["shape"][0] + 1]
+    elif edit == "fill_value":
+        doc["fill_value"] = False  # equal to 0 in Python, not in JSON
+    elif edit == "storage_transformers":
+        doc["storage_transformers"] = [{"name": "x"}]
+    elif edit == "extra-member":
+        doc["attributes"]["note"] = "added"
+    if edit == "whitespace":  # the same JSON value, written differently: still the prescribed content
+        meta_path.write_text(json.dumps(doc, separators=(",", ":")))
+        del doc["storage_transformers"]  # may be absent: Zarr reads that as []
+        meta_path.write_text(json.dumps(doc))
+        ct.Container.open(p).close()
+        return
+    meta_path.write_text(json.dumps(doc, indent=2))
+    with pytest.raises(ContainerError, match="damaged container: integrity/zarr.json is not what the format prescribes"):
+        ct.Container.open(p)
 
 
 def test_a_1_1_container_opens_without_warnings(written):
@@ -455,9 +587,9 @@ def test_spec_states_the_models_decode_halo_blend_and_margin():
     th, tb = TAEF2.decode_halo_cells, TAEF2.decode_blend_px
     # the table's defaults when absent, and the models' values
     halo_row, blend_row = _row("encoding.decode_halo_cells"), _row("encoding.decode_blend_px")
-    assert f"default when absent or not an integer in 0–64: {h0} |" in halo_row
+    assert f"default when absent: {h0}; a value that is not an integer in 0–64 is damage |" in halo_row
     assert f"({h0} for the builtin and diffusers models, {th} for TAEF2)" in halo_row
-    assert f"default when absent or not an integer in 0–256: {b0} |" in blend_row
+    assert f"default when absent: {b0}; a value that is not an integer in 0–256 is damage |" in blend_row
     assert f"({b0} for the builtin and diffusers models, {tb} for TAEF2)" in blend_row
     # section 7 says the same
     assert f"`H = {h0}` and `b = {b0}` (wsicodec's `HALO`)" in text
@@ -467,7 +599,7 @@ def test_spec_states_the_models_decode_halo_blend_and_margin():
     example = json_examples()[0]["attributes"]["pzarr"]["encoding"]
     assert (example["decode_halo_cells"], example["decode_blend_px"], example["margin_px"]) == \
         (th, tb, TAEF2.encode_margin_px)
-    # and the library reads the defaults as the spec states them: absent, and out of range
+    # the decoder falls back to the defaults for absent values (and for bad ones, which Container.open refuses first)
     class Attrs:
         def __init__(self, enc):
             self.attrs = {} if enc is None else {"encoding": enc}

@@ -14,6 +14,8 @@ import sys
 import time
 import zipfile
 import zlib
+
+import numpy as np
 from pathlib import Path
 
 import pytest
@@ -318,3 +320,116 @@ def test_slide_without_tissue_needs_allow_empty(synthetic_slide_factory, tiny_mo
     assert Container.open(out).attrs["tiles"]["tissue"] == 0
     with pytest.raises(OutputExistsError):
         compress(blank, out, model=str(tiny_model_dir), device="cpu", allow_empty=True)
+
+
+# ------------------------------------------------------------------ 9. bounded regions, odd names, odd outputs
+def test_region_is_clipped_to_the_image(container, tmp_path):
+    """1200 x 1000 px: a region reaching past the right and bottom edges (or before the origin) is cut to the
+    image; its pixels are those of the same area read inside it."""
+    from PIL import Image
+
+    out = tmp_path / "r.png"
+    r = run_cli("restore", container, out, "--device", "cpu", "-q", "--region", "1100", "900", "5000", "70000")
+    assert r.exit_code == 0, r.output
+    assert "100x100 px at level 0" in r.output and "clipped" in r.output
+    inside = restore_module.restore_region(container, None, 1100, 900, 100, 100, device="cpu")
+    np.testing.assert_array_equal(np.asarray(Image.open(out).convert("RGB")), inside)
+    before = restore_module.restore_region(container, None, -50, -20, 80, 40, device="cpu")
+    np.testing.assert_array_equal(before, restore_module.restore_region(container, None, 0, 0, 30, 20, device="cpu"))
+    one_error_line(run_cli("restore", container, tmp_path / "o.png", "--device", "cpu", "-q", "--region",
+                           "1200", "0", "10", "10"), "outside the image")
+    assert sorted(os.listdir(tmp_path)) == ["r.png"]
+
+
+def test_region_over_the_memory_budget_is_refused():
+    """1 GiB of RGB is the most one region may take (clip_region is what restore_region applies)."""
+    from wsicodec.pipeline.restore import REGION_BUDGET_BYTES, clip_region
+
+    assert REGION_BUDGET_BYTES == 2**30
+    big = (100_000, 100_000)
+    assert clip_region(big, 0, 0, 0, 16384, 21845) == (0, 0, 16384, 21845)  # 3 bytes a pixel: just under 1 GiB
+    with pytest.raises(WsicodecError, match=r"16384x21846 px at level 0 would take 1,073,774,592 bytes as RGB, "
+                                            r"over the 1 GiB \(1,073,741,824 bytes\) budget"):
+        clip_region(big, 0, 0, 0, 16384, 21846)
+    with pytest.raises(WsicodecError, match=r"50000x50000 px at level 1 .* 1 GiB \("):
+        clip_region((50_000, 50_000), 1, 0, 0, 10**12, 10**12)  # clipped to the level's size first
+    assert clip_region(big, 0, 99_990, 99_990, 10**12, 10**12) == (99_990, 99_990, 10, 10)
+
+
+def test_region_over_the_budget_is_one_line_and_writes_nothing(container, tmp_path, monkeypatch):
+    monkeypatch.setattr(restore_module, "REGION_BUDGET_BYTES", 100 * 100 * 3)  # the same rule, a small image
+    out = tmp_path / "r.png"
+    one_error_line(run_cli("restore", container, out, "--device", "cpu", "-q", "--region", "0", "0", "101", "100"),
+                   "101x100 px", "budget")
+    assert os.listdir(tmp_path) == []
+    assert run_cli("restore", container, out, "--device", "cpu", "-q", "--region", "0", "0", "100", "100").exit_code == 0
+
+
+@pytest.mark.parametrize("command", ["compress", "restore", "region", "batch"])
+def test_a_256_byte_output_name_is_one_line(small_slide, container, tmp_path, command):
+    suffix = {"compress": ".pzarr", "restore": ".tiff", "region": ".png", "batch": ""}[command]
+    name = "n" * (256 - len(suffix)) + suffix
+    assert len(name.encode()) == 256
+    args = {"compress": ["compress", small_slide, tmp_path / name, "-q"],
+            "restore": ["restore", container, tmp_path / name, "--device", "cpu", "-q"],
+            "region": ["restore", container, tmp_path / name, "--device", "cpu", "-q", "--region", "0", "0", "8", "8"],
+            "batch": ["restore", container, container, str(tmp_path / name) + "/", "--device", "cpu", "-q"]}[command]
+    one_error_line(run_cli(*args), "at most 255 bytes")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_symlink_loop_in_a_restore_input_folder_is_one_line(container, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "c.pzarr").symlink_to(container, target_is_directory=True)
+    (folder / "loop").symlink_to(folder / "loop")
+    (tmp_path / "out").mkdir()
+    one_error_line(run_cli("restore", folder, tmp_path / "out", "--device", "cpu", "-q"), "symbolic link loop")
+    assert os.listdir(tmp_path / "out") == []
+    # the loop named as the container itself
+    one_error_line(run_cli("restore", folder / "loop", tmp_path / "o.tiff", "--device", "cpu", "-q"),
+                   "symbolic link loop")
+    assert sorted(os.listdir(tmp_path)) == ["in", "out"]
+
+
+def _special(kind: str, path: Path) -> Path:
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "socket":
+        import socket
+
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(path))
+        sock.close()
+    else:  # a link to a device node: the check follows links, and nothing here can touch the real device
+        path.symlink_to("/dev/null")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket", "device"])
+@pytest.mark.parametrize("command", ["restore", "region", "dicom", "compress"])
+def test_outputs_are_never_devices_fifos_or_sockets(small_slide, container, tmp_path, kind, command):
+    suffix = {"restore": ".tiff", "region": ".png", "dicom": "", "compress": ".pzarr"}[command]
+    out = _special(kind, tmp_path / f"out{suffix}")
+    args = {"restore": ["restore", container, out, "--device", "cpu", "-q"],
+            "region": ["restore", container, out, "--device", "cpu", "-q", "--region", "0", "0", "8", "8"],
+            "dicom": ["restore", container, out, "--device", "cpu", "-q", "--format", "dicom"],
+            "compress": ["compress", small_slide, out, "-q"]}[command]
+    one_error_line(run_cli(*args, "--overwrite"), str(out), {"fifo": "FIFO", "socket": "socket",
+                                                             "device": "character device"}[kind])
+    assert os.listdir(tmp_path) == [out.name]
+    assert out.is_symlink() if kind == "device" else not out.is_file()
+
+
+@pytest.mark.parametrize("command", ["restore", "region", "compress"])
+def test_outputs_never_lie_inside_a_container(small_slide, container, own_container, tmp_path, command,
+                                              no_encoding):
+    """Not in the input container (section 1 above) and not in any other: a .pzarr folder holds only its keys."""
+    before = sorted(p.relative_to(own_container) for p in own_container.rglob("*"))
+    for out in (own_container / "x.tiff", own_container / "latents" / "c" / "x.tiff"):
+        out = out.with_suffix({"restore": ".tiff", "region": ".png", "compress": ".pzarr"}[command])
+        args = {"restore": ["restore", container, out, "--device", "cpu", "-q"],
+                "region": ["restore", container, out, "--device", "cpu", "-q", "--region", "0", "0", "8", "8"],
+                "compress": ["compress", small_slide, out, "-q"]}[command]
+        one_error_line(run_cli(*args), "inside the .pzarr container", str(own_container))
+    assert sorted(p.relative_to(own_container) for p in own_container.rglob("*")) == before

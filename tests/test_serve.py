@@ -142,11 +142,52 @@ def test_openseadragon_is_pinned_and_shipped():
     "/diff/small_files/99/0_0.jpeg",
     "/slides/small.pzarr/zarr.json",
     "/etc/passwd",
+    # absurd numbers: past Python's 4300-digit int-from-text limit, past any level, past int64
+    "/slides/small_files/" + "9" * 5001 + "/0_0.jpeg",
+    "/slides/small_files/11/" + "1" * 5001 + "_0.jpeg",
+    "/sources/small_files/11/0_" + "7" * 5001 + ".jpeg",
+    "/diff/small_files/" + "5" * 5001 + "/0_0.jpeg",
+    "/slides/small_files/999999999999999999/0_0.jpeg",
+    "/slides/small_files/11/99999999999999999999999999_0.jpeg",
+    "/slides/small_files/11/0_18446744073709551617.jpeg",
+    "/slides/small_files/00000000000000000000011/0_0.jpeg",
 ])
 def test_bad_urls_are_404(client, url):
     r = client.get(url)
     assert r.status_code == 404, (url, r.status_code, r.text[:200])
     assert "Traceback" not in r.text and "File \"" not in r.text
+
+
+@pytest.mark.timeout(120)
+def test_port_0_prints_the_port_it_got(served):
+    """`serve --port 0` binds any free port and says which: the printed address answers."""
+    import os
+    import urllib.request
+
+    _, out = served
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "wsicodec", "serve", str(out), "--port", "0", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving 1 slide(s) on http://127.0.0.1:"), (line, proc.stderr.read() if
+                                                                            proc.poll() is not None else "")
+        port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
+        assert port > 0
+        for _ in range(200):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
+                    assert resp.status == 200 and "/view/small" in resp.read().decode()
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read()
+                time.sleep(0.1)
+        else:
+            pytest.fail("the printed port never answered")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_without_a_source_there_is_no_side_by_side(served):

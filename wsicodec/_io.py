@@ -7,6 +7,7 @@
 
     atomic_write_bytes(path, data, overwrite=True) / atomic_write_text(...)
     disk_bytes(path) -> int          # bytes a file or folder takes (sum of its files)
+    check_output_path(path)          # WsicodecError: a name over 255 bytes, a device/FIFO/socket, inside a Zarr store
     partial_name(final, tag) -> Path # ".<name>.<tag>-<host>-<pid>-<token>", shortened to fit NAME_MAX
     remove_stale_partials(final)     # leftovers of this host's dead writers only
 
@@ -22,11 +23,12 @@ import os
 import secrets
 import shutil
 import socket
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from wsicodec.errors import OutputExistsError
+from wsicodec.errors import OutputExistsError, WsicodecError
 
 NAME_MAX = 255
 _HOST = "".join(ch if ch.isalnum() or ch == "-" else "_" for ch in socket.gethostname())[:32] or "host"
@@ -67,6 +69,64 @@ def _pid_alive(pid: int) -> bool:
     except OSError:  # exists but belongs to someone else
         return True
     return True
+
+
+def check_name_length(path: str | os.PathLike) -> None:
+    """Refuse a path with a name (any component) longer than the filesystem's 255 bytes, in one line."""
+    for part in Path(path).parts:
+        n = len(os.fsencode(part))
+        if n > NAME_MAX:
+            raise WsicodecError(f"the name {part[:24]}…{part[-8:]} is {n} bytes long; a file or folder name may "
+                                f"have at most {NAME_MAX} bytes")
+
+
+def _special_kind(mode: int) -> str | None:
+    for test, kind in ((stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return kind
+    return None
+
+
+def _refuse_special(path: Path) -> None:
+    try:
+        st = os.stat(path)  # follows links: a link to /dev/null is a device too
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except OSError as exc:
+        raise WsicodecError(f"cannot use {path} as an output: {exc.strerror or exc}") from None
+    kind = _special_kind(st.st_mode)
+    if kind is not None:
+        raise WsicodecError(f"{path} is a {kind}; wsicodec writes only regular files and folders, never replaces "
+                            "anything else")
+
+
+def zarr_store_around(path: Path) -> Path | None:
+    """The nearest folder above ``path`` that is a Zarr store (holds a zarr.json), or None."""
+    p = Path(path).absolute()
+    try:
+        p = p.parent.resolve() / p.name  # through symbolic links into a store, too
+    except (OSError, RuntimeError):
+        pass
+    for parent in p.parents:
+        try:
+            if (parent / "zarr.json").is_file():
+                return parent
+        except OSError:
+            continue
+    return None
+
+
+def check_output_path(path: str | os.PathLike) -> None:
+    """Refuse, in one line, an output that could never be written safely: a name over 255 bytes, an existing
+    device node, FIFO or socket (or a link to one), or a path inside a Zarr store such as a .pzarr container."""
+    path = Path(path)
+    check_name_length(path)
+    _refuse_special(path)
+    store = zarr_store_around(path)
+    if store is not None:
+        raise WsicodecError(f"output {path} lies inside the .pzarr container (Zarr store) {store}; choose a path "
+                            "outside it")
 
 
 def remove_stale_partials(final: Path, tag: str = "partial") -> list[Path]:
@@ -127,6 +187,7 @@ def disk_bytes(path: str | os.PathLike) -> int:
 
 def commit(tmp: Path, final: Path, *, overwrite: bool) -> None:
     """Move a finished ``tmp`` onto ``final``; see the module docstring for the rules."""
+    _refuse_special(final)  # a FIFO or device that appeared while writing is never replaced
     fsync_tree(tmp)
     if final.exists() or final.is_symlink():
         if not overwrite:
@@ -163,6 +224,7 @@ def commit(tmp: Path, final: Path, *, overwrite: bool) -> None:
 def atomic_output(final: str | os.PathLike, *, overwrite: bool = True, tag: str = "partial") -> Iterator[Path]:
     """Yield a partial path to write; rename it onto ``final`` only when the block succeeds."""
     final = Path(final)
+    check_output_path(final)
     remove_stale_partials(final, tag)
     tmp = partial_name(final, tag)
     try:

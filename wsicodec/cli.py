@@ -9,6 +9,7 @@ Each command's work is done by the module named after its stage; the functions h
 from __future__ import annotations
 
 import signal
+import socket
 import sys
 import threading
 import typing
@@ -21,6 +22,7 @@ from typing import Optional
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperOption
 
+from wsicodec._io import check_output_path
 from wsicodec.errors import WsicodecError
 from wsicodec.quant.quantizer import KINDS, kinds_help
 
@@ -143,6 +145,16 @@ def _user_errors():
             signal.signal(signal.SIGTERM, previous)
 
 
+def _batch_mode(paths: list[str], kind: str) -> bool:
+    """Whether the arguments ask for a batch; names too long for any filesystem are refused first."""
+    from wsicodec._io import check_name_length
+    from wsicodec.pipeline import batch
+
+    for p in paths:
+        check_name_length(p)
+    return batch.is_batch(paths, kind)
+
+
 # ---------------------------------------------------------------- compress / info
 @app.command(cls=_Command)
 def compress(
@@ -175,7 +187,9 @@ def compress(
     from wsicodec.pipeline import batch
     from wsicodec.pipeline.compress import compress as run
 
-    if batch.is_batch(paths, "compress"):
+    with _user_errors():
+        batch_mode = _batch_mode(paths, "compress")
+    if batch_mode:
         with _user_errors():
             options = batch.CompressOptions(
                 model=model, quant=quant, levels=levels, quality=quality, target_mpp=mpp, source_mpp=source_mpp,
@@ -196,6 +210,7 @@ def compress(
     with _user_errors():
         if ray is not None:
             raise WsicodecError("--ray runs batches: give an output folder (OUT/) as the last argument")
+        check_output_path(out)  # before any encoding
         _check_container_name(out, single_file, force_name)
         summary = run(slide, out, model=model, quant=quant, levels=levels, quality=quality, target_mpp=mpp,
                       source_mpp=source_mpp,
@@ -410,7 +425,9 @@ def restore(
     from wsicodec.pipeline.restore import restore_region as _restore_region
 
     # `restore X.pzarr OUT --format dicom`: OUT is the DICOM folder (existing or not, trailing / or not), not a batch
-    if not (fmt == "dicom" and len(paths) == 2) and batch.is_batch(paths, "restore"):
+    with _user_errors():
+        batch_mode = not (fmt == "dicom" and len(paths) == 2) and _batch_mode(paths, "restore")
+    if batch_mode:
         with _user_errors():
             if region is not None:
                 raise WsicodecError("--region restores one region of one container; not in a batch")
@@ -444,9 +461,10 @@ def restore(
                                 "add --format dicom")
         if region is not None:
             x, y, w, h = region
-            _restore_region(container, out, x, y, w, h, level=level, device=device, batch_size=batch_size,
-                            model=model, force=force, overwrite=overwrite)
-            typer.echo(f"wrote {out} ({w}x{h} px at level {level})")
+            img = _restore_region(container, out, x, y, w, h, level=level, device=device, batch_size=batch_size,
+                                  model=model, force=force, overwrite=overwrite)
+            clipped = " (the region clipped to the image)" if img.shape[:2] != (h, w) else ""
+            typer.echo(f"wrote {out} ({img.shape[1]}x{img.shape[0]} px at level {level}){clipped}")
             return
         summary = _restore_tiff(container, out, compression=compression, quality=quality, device=device,
                                 batch_size=batch_size, model=model, force=force, overwrite=overwrite,
@@ -728,8 +746,21 @@ def serve(
         if host not in ("127.0.0.1", "localhost", "::1"):
             typer.secho(f"warning: serving on {host}: anyone who can reach it can read these slides",
                         fg=typer.colors.YELLOW, err=True)
-        typer.echo(f"serving {len(entries)} slide(s) on http://{host}:{port}/ (Ctrl-C stops)")
-        uvicorn.run(app_, host=host, port=port, log_level="warning")
+        # bind here, so that --port 0 (any free port) can say which port it got
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            sock.close()
+            raise WsicodecError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
+        real_port = sock.getsockname()[1]
+        shown = f"[{host}]" if ":" in host else host
+        typer.echo(f"serving {len(entries)} slide(s) on http://{shown}:{real_port}/ (Ctrl-C stops)")
+        server = uvicorn.Server(uvicorn.Config(app_, host=host, port=real_port, log_level="warning"))
+        server.run(sockets=[sock])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,13 +17,16 @@ Interface:
          background tiles come back as the container's background (the stored encoding of a glass tile; a white one in 1.0)
     c.read_tile(row, col) -> (C, t/f, t/f) stored values;  c.describe() -> dict;  c.disk_bytes() -> int
     c.verify() -> list[Problem]                   # every key against the manifest, every chunk read; [] if intact
+    c.check_latent_shards(y0, x0, y1, x1)         # (read_latents does it) each shard hashed at its first read
     stored_tile_bytes(stored: np.ndarray) -> int   # bytes one tile costs in a container (same codec + shard index)
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import threading
 import warnings
 import zipfile
 from pathlib import Path
@@ -34,9 +37,9 @@ import zarr
 
 from wsicodec._io import disk_bytes
 from wsicodec.errors import ContainerError
-from wsicodec.format.spec import (FORMAT_NAME, READ_MAJOR, SHARD_INDEX_CHECKSUM_BYTES, SHARD_INDEX_ENTRY_BYTES, SHARD_TILES, ZIP_MAGIC)
-from wsicodec.format.integrity import INTEGRITY_ARRAY, KeyStore, Problem, check_keys, parse_manifest
-from wsicodec.format.spec import decode_image
+from wsicodec.format.spec import (FEATURES_1_1, FORMAT_NAME, READ_MAJOR, SHARD_INDEX_CHECKSUM_BYTES, SHARD_INDEX_ENTRY_BYTES, SHARD_TILES, ZIP_MAGIC)
+from wsicodec.format.integrity import INTEGRITY_ARRAY, KeyStore, Problem, canonical, check_keys, parse_manifest
+from wsicodec.format.spec import decode_image, integer_problems, integrity_array_metadata, parse_version
 from wsicodec.quant.quantizer import Quantizer
 
 def _is_zip(path: Path) -> bool:
@@ -45,6 +48,18 @@ def _is_zip(path: Path) -> bool:
             return f.read(4) in ZIP_MAGIC
     except OSError:
         return False
+
+
+def _codec_names(doc: Any) -> set[str]:
+    """Names of the codecs an array's chunks pass through, the chunks inside shards included (not the shard
+    index's own chain, which ends in crc32c in every version)."""
+    names: set[str] = set()
+    if isinstance(doc, dict):
+        for codec in doc.get("codecs") or []:
+            if isinstance(codec, dict):
+                names.add(str(codec.get("name")))
+                names |= _codec_names(codec.get("configuration"))
+    return names
 
 
 class UnverifiedContainerWarning(UserWarning):
@@ -73,6 +88,10 @@ class Container:
         self.checksummed = False
         self.manifest: dict[str, Any] | None = None
         self._root_sha256: str | None = None
+        # latent shards are hashed against the manifest once each, at their first read (format 1.1)
+        self._shard_verdicts: dict[str, str | None] = {}  # key -> None when it matches, else what is wrong
+        self._shard_lock = threading.Lock()
+        self._shard_store: KeyStore | None = None
 
     # -------------------------------------------------------------------------- opening
     @classmethod
@@ -109,31 +128,32 @@ class Container:
         attrs = attrs_all.get(FORMAT_NAME)
         if not isinstance(attrs, dict) or attrs.get("format") != FORMAT_NAME:
             raise ContainerError(f"not a .pzarr container (a Zarr store without pzarr attributes): {p}")
-        version = str(attrs.get("version", ""))
+        version = attrs.get("version")
         try:
-            major = int(version.split(".")[0])
-        except ValueError:
-            raise ContainerError(f"not a .pzarr container (bad format version {version!r}): {p}") from None
+            major, minor = parse_version(version)
+        except ValueError as exc:
+            raise ContainerError(f"unsupported .pzarr format version ({exc}): {p}") from None
         if major != READ_MAJOR:
             raise ContainerError(f"unsupported .pzarr format version {version} "
                                  f"(this wsicodec reads {READ_MAJOR}.x); upgrade wsicodec")
         if attrs.get("complete") is not True:
             raise ContainerError(f"truncated or incomplete .pzarr container (not marked complete): {p}")
         try:
-            minor = int(version.split(".")[1])
-        except (IndexError, ValueError):
-            minor = 0
-        try:
             for name in ("latents", "tissue_mask", "background"):
                 root[name]
             c = cls(p, root, store, attrs)
+            # only the exact string "1.0" means "no checksums"; every later 1.y is checked like 1.1
             c.checksummed = minor >= 1
             if c.checksummed:
                 c._check_integrity()
             else:
+                c._check_no_1_1_features()
                 warnings.warn(f"{p}: a format {version} container carries no data checksums; "
                               "damage to it may go unnoticed (rewrite it with this wsicodec to add them)",
                               UnverifiedContainerWarning, stacklevel=2)
+            problems = integer_problems(attrs)
+            if problems:
+                raise ContainerError(f"damaged container: {problems[0]}: {p}")
             c._check_shards()
             c._check_records()
         except ContainerError:
@@ -148,17 +168,31 @@ class Container:
         rec = self.attrs.get("integrity")
         if not isinstance(rec, dict) or rec.get("array") != INTEGRITY_ARRAY or INTEGRITY_ARRAY not in self._root:
             raise ContainerError(f"damaged container: its integrity manifest is missing: {self.path}")
-        try:
-            raw = bytes(np.asarray(self._root[INTEGRITY_ARRAY][...], dtype=np.uint8).tobytes())
-        except Exception as exc:
-            raise ContainerError(f"damaged container: integrity manifest unreadable ({_one_line(exc)}): "
-                                 f"{self.path}") from None
-        manifest = parse_manifest(raw)
-        if manifest.get("write_id") != rec.get("write_id"):
-            raise ContainerError(f"damaged container: manifest and attributes come from different writes: {self.path}")
         store = KeyStore.for_path(self.path)
         try:
-            # metadata and the small arrays are hashed on every open (a few KB); latent chunks carry crc32c
+            # the manifest's own metadata is no key of it: it has one exact content (section 3.6), checked
+            # before Zarr reads the manifest through it
+            try:
+                meta = json.loads(store.read(f"{INTEGRITY_ARRAY}/zarr.json").decode("utf-8"))
+                if isinstance(meta, dict):
+                    meta.setdefault("storage_transformers", [])
+                nbytes = (store.size(f"{INTEGRITY_ARRAY}/c/0") or 0) - 4  # the chunk, less its CRC-32C
+                same = canonical(meta) == canonical(integrity_array_metadata(nbytes))
+            except (KeyError, OSError, ValueError, TypeError, zipfile.BadZipFile):
+                same = False
+            if not same:
+                raise ContainerError(f"damaged container: {INTEGRITY_ARRAY}/zarr.json is not what the format "
+                                     f"prescribes for the integrity array: {self.path}")
+            try:
+                raw = bytes(np.asarray(self._root[INTEGRITY_ARRAY][...], dtype=np.uint8).tobytes())
+            except Exception as exc:
+                raise ContainerError(f"damaged container: integrity manifest unreadable ({_one_line(exc)}): "
+                                     f"{self.path}") from None
+            manifest = parse_manifest(raw)
+            if manifest.get("write_id") != rec.get("write_id"):
+                raise ContainerError(f"damaged container: manifest and attributes come from different writes: "
+                                     f"{self.path}")
+            # metadata and the small arrays are hashed on every open (a few KB); latent shards at first read
             small = frozenset(k for k in manifest["keys"] if k.endswith("zarr.json") or not k.startswith("latents/"))
             problems = check_keys(store, manifest, hash_keys=small)
         finally:
@@ -168,6 +202,30 @@ class Container:
             raise ContainerError(f"damaged container: {problems[0].line()}{more}: {self.path}")
         self.manifest = manifest
         self._root_sha256 = manifest["keys"]["zarr.json"]["sha256"]
+
+    def _check_no_1_1_features(self) -> None:
+        """A root that says "1.0" over a container with anything only 1.1 has is damage (a bit flipped from
+        "1.1"), never an old container to read unchecked."""
+        found = [f"the root attribute {k!r}" for k in FEATURES_1_1 if k in self.attrs]
+        if "archived_mpp" in (self.attrs.get("resolution") or {}):
+            found.append("the root attribute 'resolution.archived_mpp'")
+        store = KeyStore.for_path(self.path)
+        try:
+            for key in sorted(store.keys()):
+                if key == INTEGRITY_ARRAY or key.startswith(INTEGRITY_ARRAY + "/"):
+                    found.append(f"the {key} key")
+                elif key.endswith("zarr.json") and key != "zarr.json":
+                    try:
+                        doc = json.loads(store.read(key).decode("utf-8"))
+                    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+                        continue  # unreadable metadata fails later, as damage
+                    if _codec_names(doc) & {"crc32c"}:
+                        found.append(f"crc32c in {key}")
+        finally:
+            store.close()
+        if found:
+            raise ContainerError(f"damaged container: its root says format version 1.0, but it has {found[0]}, "
+                                 f"which only format 1.1 has: {self.path}")
 
     def _check_records(self) -> None:
         """What the attributes promise must hold: tissue count, a finite sorted codebook, a sane grid."""
@@ -252,6 +310,10 @@ class Container:
                                  f"missing or cut short): {self.path}")
 
     def close(self) -> None:
+        with self._shard_lock:
+            if self._shard_store is not None:
+                self._shard_store.close()
+                self._shard_store = None
         try:
             self._store.close()
         except Exception:
@@ -360,6 +422,7 @@ class Container:
         tis = self.tissue[y0 // tl:(y1 - 1) // tl + 1, x0 // tl:(x1 - 1) // tl + 1]
         if not tis.any():
             return out
+        self.check_latent_shards(y0, x0, y1, x1)
         try:
             data = self._latents[:, y0:y1, x0:x1]
         except Exception as exc:
@@ -373,6 +436,44 @@ class Container:
         view = out[:, y0 - r0:y1 - r0, x0 - c0:x1 - c0]
         np.copyto(view, data, where=cell_tissue[None])
         return out
+
+    def check_latent_shards(self, y0: int, x0: int, y1: int, x1: int) -> None:
+        """Every latent shard a read of cells [y0, y1) x [x0, x1) touches must hash as the manifest says.
+
+        A shard is hashed once, at its first touch, and its verdict kept for this open container: a chunk
+        with a valid CRC-32C copied from another tile or another container of the same shape is refused here
+        rather than decoded into wrong pixels. A key the manifest does not list must not exist. Format 1.0
+        containers have no manifest: nothing to check against.
+        """
+        if self.manifest is None:
+            return
+        span = int(self.attrs.get("layout", {}).get("shard_tiles") or SHARD_TILES) * self.tile_cells
+        keys = [f"latents/c/0/{i}/{j}" for i in range(y0 // span, (y1 - 1) // span + 1)
+                for j in range(x0 // span, (x1 - 1) // span + 1)]
+        for key in keys:
+            verdict = self._shard_verdicts[key] if key in self._shard_verdicts else self._hash_shard(key)
+            if verdict is not None:
+                self.check_generation()  # a container replaced under us says so, not "damaged"
+                raise ContainerError(f"damaged container: {key}: {verdict}: {self.path}")
+
+    def _hash_shard(self, key: str) -> str | None:
+        with self._shard_lock:
+            if key in self._shard_verdicts:
+                return self._shard_verdicts[key]
+            if self._shard_store is None:
+                self._shard_store = KeyStore.for_path(self.path)
+            store, rec = self._shard_store, self.manifest["keys"].get(key)
+            try:
+                if rec is None:
+                    verdict = None if store.size(key) is None else "not in the manifest (added after writing)"
+                elif store.size(key) != rec.get("size"):
+                    verdict = f"size {store.size(key)} bytes, manifest says {rec.get('size')}"
+                else:
+                    verdict = None if store.sha256(key) == rec.get("sha256") else "SHA-256 does not match the manifest"
+            except (OSError, zipfile.BadZipFile, ValueError, KeyError) as exc:
+                verdict = f"unreadable ({_one_line(exc)})"
+            self._shard_verdicts[key] = verdict
+            return verdict
 
     def read_tile(self, row: int, col: int) -> np.ndarray:
         """Stored values of one tile (C, t/f, t/f); a background tile gives the background values."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import io
+import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,74 @@ ASSOCIATED_ENCODING = {
 SOURCE_KEYS = ("filename", "size", "sha256", "vendor", "properties")
 RESOLUTION_KEYS = ("target_mpp", "source_mpp", "mpp_source", "objective_power", "archived_objective_power")
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+
+# pzarr.version: exactly "MAJOR.MINOR", decimal digits without sign, space or leading zeros ("1.1", never "1.1.0")
+_VERSION = re.compile(r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
+# root attributes that hold JSON integers (formats/pzarr-v1.md, section 4): never true/false, never 3.0
+INTEGER_FIELDS: dict[str, tuple[str, ...]] = {
+    "grid": ("tile_size", "width", "height", "rows", "cols", "level", "origin_x", "origin_y"),
+    "model": ("latent_channels", "spatial_factor"),
+    "quantizer": ("levels",),
+    "layout": ("channels", "tile_cells", "shard_tiles", "zstd_level"),
+    "tiles": ("tissue", "total"),
+    "encoding": ("margin_px", "decode_halo_cells", "decode_blend_px", "kept_at_full_resolution"),
+}
+NULLABLE_INTEGER_FIELDS = {"source": ("size",)}
+# (lowest, highest) allowed where section 4 bounds an integer
+INTEGER_RANGES = {"encoding.decode_halo_cells": (0, 64), "encoding.decode_blend_px": (0, 256)}
+# what only format 1.1 has; a root that says "1.0" with any of them is damage (a flipped bit), not an old file
+FEATURES_1_1 = ("integrity", "glass", "encoding")
+
+
+def parse_version(value: Any) -> tuple[int, int]:
+    """(major, minor) of a ``pzarr.version``; ValueError unless it is a JSON string "MAJOR.MINOR"."""
+    m = _VERSION.fullmatch(value) if isinstance(value, str) else None
+    if m is None:
+        raise ValueError(f"bad format version {value!r}: a version is a string \"MAJOR.MINOR\", such as \"1.1\"")
+    return int(m.group(1)), int(m.group(2))
+
+
+def is_json_integer(value: Any) -> bool:
+    """A JSON integer as Python's json reads one: an int, not a bool (true) and not a float (3.0)."""
+    return type(value) is int
+
+
+def integer_problems(attrs: dict[str, Any]) -> list[str]:
+    """Integer fields of the root attributes that are present but not JSON integers (or out of range)."""
+    out = []
+    for table, nullable in ((INTEGER_FIELDS, False), (NULLABLE_INTEGER_FIELDS, True)):
+        for group, names in table.items():
+            rec = attrs.get(group)
+            if not isinstance(rec, dict):
+                continue
+            for name in names:
+                if name not in rec or (nullable and rec[name] is None):
+                    continue
+                v, where = rec[name], f"{group}.{name}"
+                lo, hi = INTEGER_RANGES.get(where, (None, None))
+                if not is_json_integer(v):
+                    out.append(f"{where} is {json.dumps(v)}, not an integer")
+                elif lo is not None and not lo <= v <= hi:
+                    out.append(f"{where} is {v}, not an integer in {lo}–{hi}")
+    zero = (attrs.get("layout") or {}).get("zero_shards", [])
+    if not (isinstance(zero, list) and all(isinstance(k, list) and len(k) == 2 and all(is_json_integer(i) for i in k)
+                                           for k in zero)):
+        out.append("layout.zero_shards is not a list of [i, j] integer pairs")
+    return out
+
+
+def integrity_array_metadata(nbytes: int) -> dict[str, Any]:
+    """The one JSON value ``integrity/zarr.json`` may hold, for a manifest of ``nbytes`` bytes (section 3.6).
+    (``storage_transformers`` may also be absent: Zarr v3 reads its absence as the empty list.)"""
+    return {
+        "zarr_format": 3, "node_type": "array", "shape": [nbytes], "data_type": "uint8",
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [nbytes]}},
+        "chunk_key_encoding": CHUNK_KEY_ENCODING, "fill_value": 0,
+        "codecs": [{"name": "bytes"}, {"name": "crc32c"}],
+        "attributes": {"media_type": "application/json"}, "dimension_names": ["byte"],
+        "storage_transformers": [],
+    }
+
 
 _chunk_zstd = Zstd.from_config({"level": ZSTD_LEVEL, "checksum": False})
 

@@ -13,7 +13,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from wsicodec._io import commit, disk_bytes, partial_name, remove_path, remove_stale_partials
+from wsicodec._io import check_output_path, commit, disk_bytes, partial_name, remove_path, remove_stale_partials
 from wsicodec.errors import ContainerError, OutputExistsError
 from wsicodec.format.container import Container
 from wsicodec.format.integrity import INTEGRITY_ARRAY, KeyStore, build_manifest, manifest_bytes
@@ -31,6 +31,17 @@ def _pack_zip(src_dir: Path, zip_path: Path) -> None:
             zf.write(p, p.relative_to(src_dir).as_posix())
 
 
+def write_manifest(root: zarr.Group, folder: Path, write_id: str) -> None:
+    """Seal every key of the directory store ``folder`` (opened as ``root``) in its "integrity" array, replacing
+    any there: the manifest, then the array's metadata exactly as formats/pzarr-v1.md section 3.6 prescribes."""
+    blob = np.frombuffer(manifest_bytes(build_manifest(KeyStore.for_path(folder), write_id)), dtype=np.uint8)
+    a = root.create_array(INTEGRITY_ARRAY, shape=blob.shape, dtype="uint8", chunks=blob.shape,
+                          compressors=[Crc32cCodec()], fill_value=0, chunk_key_encoding=CHUNK_KEY_ENCODING,
+                          dimension_names=["byte"], attributes={"media_type": "application/json"},
+                          config={"write_empty_chunks": True}, overwrite=True)
+    a[...] = blob
+
+
 # ------------------------------------------------------------------------------ writer
 class ContainerWriter:
     """Write one slide's container under a temporary sibling name; rename it into place when complete."""
@@ -45,6 +56,7 @@ class ContainerWriter:
         self.out_path = Path(out_path)
         self.overwrite = overwrite
         self.single_file = single_file
+        check_output_path(self.out_path)  # no device, FIFO or socket, not inside another container
         if (self.out_path.exists() or self.out_path.is_symlink()) and not overwrite:
             raise OutputExistsError(f"{self.out_path} already exists (use --overwrite to replace it)")
         if self.out_path.exists() and overwrite:
@@ -254,14 +266,7 @@ class ContainerWriter:
 
     def _write_manifest(self) -> None:
         """Seal every key written so far (root attributes included) in the "integrity" array."""
-        store = KeyStore.for_path(self._tmp_dir)
-        blob = np.frombuffer(manifest_bytes(build_manifest(store, self.write_id)), dtype=np.uint8)
-        a = self._root.create_array(INTEGRITY_ARRAY, shape=blob.shape, dtype="uint8", chunks=blob.shape,
-                                    compressors=[Crc32cCodec()], fill_value=0,
-                                    chunk_key_encoding=CHUNK_KEY_ENCODING, dimension_names=["byte"],
-                                    attributes={"media_type": "application/json"},
-                                    config={"write_empty_chunks": True})
-        a[...] = blob
+        write_manifest(self._root, self._tmp_dir, self.write_id)
 
     def abort(self) -> None:
         """Remove everything written so far; out_path is left as it was."""

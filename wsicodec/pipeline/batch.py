@@ -28,6 +28,7 @@ The rules (docs/batch.md has them for users):
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
@@ -74,6 +75,17 @@ class SlideJob:
 
 def _is_container(p: Path) -> bool:
     return p.name.lower().endswith(CONTAINER_SUFFIXES) or (p.is_dir() and (p / "zarr.json").is_file())
+
+
+def _resolved(p: Path) -> Path:
+    """``p.resolve()``, or one WsicodecError line for a symbolic link loop or an unreadable link."""
+    try:
+        return p.resolve()
+    except RuntimeError:  # Python 3.11-3.12 name a loop this way
+        raise WsicodecError(f"{p}: a symbolic link loop") from None
+    except OSError as exc:
+        what = "a symbolic link loop" if exc.errno == errno.ELOOP else (exc.strerror or str(exc))
+        raise WsicodecError(f"{p}: {what}") from None
 
 
 def _stem(p: Path) -> str:
@@ -256,7 +268,7 @@ def discover_containers(inputs: Iterable[str | os.PathLike],
         except OSError as exc:
             raise WsicodecError(f"cannot list {folder}: {exc.strerror or exc}") from None
         for e in entries:
-            if e.name.startswith(".") or (skip is not None and e.resolve() == skip):
+            if e.name.startswith(".") or (skip is not None and _resolved(e) == skip):
                 continue
             if e.name.lower().endswith(CONTAINER_SUFFIXES):
                 jobs.append(SlideJob(str(e), _stem(e), str(e)))

@@ -39,7 +39,7 @@ def container_blend(container) -> int:
     """Pixels over which neighbouring tiles' decodes are cross-faded (format 1.1 records the model's); 0 in
     containers that record none, which then restore exactly as they always did."""
     rec = ((getattr(container, "attrs", None) or {}).get("encoding") or {}).get("decode_blend_px")
-    return int(rec) if isinstance(rec, int) and 0 <= rec <= 256 else 0
+    return rec if type(rec) is int and 0 <= rec <= 256 else 0  # a JSON integer: not true, not 3.0
 
 
 def blend_profile(tile_size: int, blend: int) -> np.ndarray:
@@ -53,7 +53,7 @@ def container_halo(container) -> int:
     """The halo a container asks for (format 1.1 records the model's), else the 1.0 default of 3 cells,
     so containers written before the halo was recorded restore exactly as they always did."""
     rec = ((getattr(container, "attrs", None) or {}).get("encoding") or {}).get("decode_halo_cells")
-    return int(rec) if isinstance(rec, int) and 0 <= rec <= 64 else HALO
+    return rec if type(rec) is int and 0 <= rec <= 64 else HALO  # a JSON integer: not true, not 3.0
 
 
 # =========================================================================== tile decoding

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 import zipfile
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from wsicodec._io import atomic_output, disk_bytes
+from wsicodec._io import atomic_output, check_output_path, disk_bytes
 from wsicodec._progress import progress_bar
 from wsicodec.errors import OutputExistsError, WsicodecError
 from wsicodec.format.spec import ZIP_MAGIC
@@ -32,6 +33,8 @@ WHOLE_IMAGE_MAX_PIXELS = 40_000_000
 # names of files, never of a DICOM folder (a folder `slide.tiff` of .dcm files would mislead everyone)
 _FILE_SUFFIXES = frozenset({".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".bif", ".btf", ".dcm",
                             ".pzarr", ".zip", ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".jp2", ".j2k"})
+# the most one region restore (--region) may hold as RGB: 1 GiB, about 18 900 x 18 900 px
+REGION_BUDGET_BYTES = 1 << 30
 
 def _aperio_info(container) -> AperioInfo:
     grid = container.grid
@@ -66,6 +69,8 @@ def _is_container(path: Path) -> bool:
         return True
     if path.is_dir():
         return (path / "zarr.json").is_file()
+    if not path.is_file():  # never open a FIFO or a device to look: that can block or have effects
+        return False
     try:
         with open(path, "rb") as fh:
             if fh.read(4) not in ZIP_MAGIC:
@@ -76,9 +81,18 @@ def _is_container(path: Path) -> bool:
         return False
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def _check_not_input(container_path: str | os.PathLike, out_path: Path) -> None:
     """Refuse outputs that would replace or write into the container being read."""
-    src, dst = Path(container_path).resolve(), out_path.resolve()
+    try:
+        src, dst = Path(container_path).resolve(), out_path.resolve()
+    except (RuntimeError, OSError) as exc:  # Python 3.11-3.12 report a symbolic link loop as RuntimeError
+        loop = isinstance(exc, RuntimeError) or getattr(exc, "errno", None) == errno.ELOOP
+        raise WsicodecError(f"{_one_line(exc) if not loop else 'a symbolic link loop'}: "
+                            f"{container_path} -> {out_path}") from None
     try:
         same = dst == src or (src.exists() and dst.exists() and os.path.samefile(src, dst))
     except OSError:
@@ -91,6 +105,7 @@ def _check_not_input(container_path: str | os.PathLike, out_path: Path) -> None:
 
 
 def _check_output(out_path: Path, overwrite: bool) -> None:
+    check_output_path(out_path)
     if _is_container(out_path):
         raise OutputExistsError(f"{out_path} is a .pzarr container; restore never replaces one, "
                                 "even with --overwrite")
@@ -251,6 +266,7 @@ def _decode_and_write(container_path, out_path: Path, write, *, device, batch_si
 def _check_dicom_output(container_path: str | os.PathLike, out_path: Path, overwrite: bool) -> None:
     """A DICOM restore writes a folder: refuse a container, an existing output without --overwrite, a file."""
     _check_not_input(container_path, out_path)
+    check_output_path(out_path)
     if _is_container(out_path):
         raise OutputExistsError(f"{out_path} is a .pzarr container; restore never replaces one, "
                                 "even with --overwrite")
@@ -289,6 +305,25 @@ def _restore_dicom(container_path, out_path: Path, *, quality: int, device, batc
                              force=force, progress=progress, halo=halo, blend=blend, _model_obj=_model_obj)
 
 
+def clip_region(level_size: tuple[int, int], level: int, x: int, y: int, w: int, h: int) -> tuple[int, int, int, int]:
+    """(x0, y0, w, h) in pixels of ``level``: the region (x, y level-0 pixels; w, h level pixels) clipped to the
+    level's image; WsicodecError when nothing is left, or when what is left exceeds the region budget."""
+    lw, lh = (int(v) for v in level_size)
+    s = 1 << level
+    lx, ly = x // s, y // s
+    x0, y0, x1, y1 = max(lx, 0), max(ly, 0), min(lx + w, lw), min(ly + h, lh)
+    if x1 <= x0 or y1 <= y0:
+        raise WsicodecError(
+            f"region {x},{y} {w}x{h} at level {level} lies outside the image ({lw * s}x{lh * s} at level 0)")
+    need = (x1 - x0) * (y1 - y0) * 3
+    if need > REGION_BUDGET_BYTES:
+        raise WsicodecError(
+            f"region {x1 - x0}x{y1 - y0} px at level {level} would take {need:,} bytes as RGB, over the "
+            f"{REGION_BUDGET_BYTES / 2**30:g} GiB ({REGION_BUDGET_BYTES:,} bytes) budget of a region restore; "
+            "restore a smaller region, a deeper --level, or the whole slide as a pyramidal TIFF")
+    return x0, y0, x1 - x0, y1 - y0
+
+
 def restore_region(
     container_path: str | os.PathLike,
     out_path: str | os.PathLike | None,
@@ -308,8 +343,9 @@ def restore_region(
     _model_obj=None,
 ) -> np.ndarray:
     """Restore one region: (x, y) in level-0 pixels of the archived resolution, (w, h) in pixels of ``level``
-    (a 2**level downsample, the TIFF's level ``level``). Writes it to ``out_path`` (any format PIL writes)
-    when given; returns the RGB array."""
+    (a 2**level downsample, the TIFF's level ``level``). The region is clipped to the image, and refused when
+    the clipped region would take more than ``REGION_BUDGET_BYTES`` (1 GiB) as RGB. Writes it to ``out_path``
+    (any format PIL writes) when given; returns the RGB array, (clipped height, clipped width, 3)."""
     from PIL import Image
 
     if w <= 0 or h <= 0:
@@ -325,15 +361,8 @@ def restore_region(
     pyr = Pyramid(TileDecoder(container, net, halo=halo, cache_tiles=1024, batch_size=batch_size, blend=blend))
     if level >= pyr.level_count:
         raise WsicodecError(f"level {level} does not exist (the pyramid has levels 0..{pyr.level_count - 1})")
-    lw, lh = pyr.dimensions[level]
-    s = 1 << level
-    if w * h > 40_000 * 40_000:
-        raise WsicodecError(f"region {w}x{h} is too large for one image; restore the whole slide instead")
-    if x >= lw * s or y >= lh * s or x + w * s <= 0 or y + h * s <= 0:
-        raise WsicodecError(
-            f"region {x},{y} {w}x{h} at level {level} lies outside the image ({lw * s}x{lh * s} at level 0)"
-        )
-    img, _ = pyr.region(level, x // s, y // s, w, h)
+    x0, y0, cw, ch = clip_region(pyr.dimensions[level], level, x, y, w, h)
+    img, _ = pyr.region(level, x0, y0, cw, ch)
     if out_path is not None:
         fmt = Image.registered_extensions().get(out_path.suffix.lower())
         if fmt is None:

@@ -41,6 +41,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -53,6 +54,22 @@ JPEG_QUALITY = 80
 DIFF_GAIN = 4.0
 ASSOCIATED_MAX = 600  # px, long side of label/macro images as served
 THUMB_MAX = 256
+
+
+class _TileNumber(Convertor):
+    """A DeepZoom level, column or row in a URL: 1 to 18 digits. Longer numbers (a 5001-digit level, past
+    Python's int-from-text limit) never match a route, so they are a 404 like any other unknown address."""
+
+    regex = "[0-9]{1,18}"
+
+    def convert(self, value: str) -> int:
+        return int(value)
+
+    def to_string(self, value: int) -> str:
+        return str(int(value))
+
+
+register_url_convertor("tilenum", _TileNumber())
 
 
 # ---------------------------------------------------------------------------------------------- slides
@@ -425,7 +442,11 @@ def build_app(entries: dict[str, SlideEntry], *, workers: int | None = None, cac
     async def server_error(request: Request, exc: Exception):
         return PlainTextResponse("internal error", status_code=500)
 
-    tile_path = "_files/{level:int}/{col:int}_{row:int}.jpeg"
+    async def refused(request: Request, exc: Exception):
+        # a damaged or replaced container: say so (409 Conflict), never serve pixels it did not hold
+        return PlainTextResponse(f"error: {' '.join(str(exc).split())}", status_code=409)
+
+    tile_path = "_files/{level:tilenum}/{col:tilenum}_{row:tilenum}.jpeg"
     routes = [
         Route("/", index),
         Route("/view/{name}", view),
@@ -437,7 +458,8 @@ def build_app(entries: dict[str, SlideEntry], *, workers: int | None = None, cac
         routes += [Route(f"/{kind}/{{name}}.dzi", dzi), Route(f"/{kind}/{{name}}{tile_path}", tile)]
     routes.append(Mount("/static", app=StaticFiles(directory=STATIC_DIR, html=False), name="static"))
 
-    app = Starlette(routes=routes, exception_handlers={HTTPException: not_found, 500: server_error})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: not_found, WsicodecError: refused,
+                                                         500: server_error})
     app.add_middleware(_TileCounter, stats=stats)
     app.state.entries = entries
     app.state.cache = cache
