@@ -179,6 +179,22 @@ class PzarrSlide(openslide.AbstractSlide):
         return props
 
 
-def open(path: str | os.PathLike, **kwargs) -> PzarrSlide:  # noqa: A001 - mirrors openslide.open_slide
-    """Open a .pzarr container as an OpenSlide-like slide (see :class:`PzarrSlide` for options)."""
-    return PzarrSlide(path, **kwargs)
+def open(  # noqa: A001 - mirrors openslide.open_slide
+    path: str | os.PathLike,
+    *,
+    model: str | None = None,
+    device: str | None = None,
+    force: bool = False,
+    cache_tiles: int = 256,
+    batch_size: int = 8,
+    halo: int | None = None,
+    blend: int | None = None,
+) -> PzarrSlide:
+    """Open a .pzarr container as an OpenSlide-like slide that decodes only what is read.
+
+    ``model`` decodes with another model than the one the container records (``force`` skips the check that
+    its decoder is the same); ``device`` picks cpu/cuda/mps; ``cache_tiles`` decoded tiles stay in an LRU
+    cache; ``batch_size`` tiles are decoded at once; ``halo`` (latent cells) and ``blend`` (px) override the
+    container's recorded decode settings (docs/restore.md)."""
+    return PzarrSlide(path, model=model, device=device, force=force, cache_tiles=cache_tiles,
+                      batch_size=batch_size, halo=halo, blend=blend)
