@@ -3,6 +3,7 @@
     slide = wsicodec.reader.open("slide.pzarr")      # (the package exposes it as wsicodec.open)
     slide.dimensions, slide.level_count, slide.level_dimensions, slide.level_downsamples
     slide.properties["openslide.mpp-x"], slide.associated_images["label"]
+    slide.color_profile                               # the source's ICC profile (PIL ImageCmsProfile) or None
     slide.read_region((x, y), level, (w, h))          # RGBA PIL image, like OpenSlide's
     DeepZoomGenerator(slide)                          # works unchanged
 
@@ -47,6 +48,8 @@ class PzarrSlide(openslide.AbstractSlide):
         super().__init__()
         self._path = Path(path)
         self._container = open_container(self._path)
+        # what AbstractSlide.color_profile and get_thumbnail read: the source's ICC profile, kept in the container
+        self._profile = self._container.icc_profile
         net = _model_obj if _model_obj is not None else load_decoder_model(self._container, model, device, force)
         self._decoder = TileDecoder(self._container, net, halo=halo, cache_tiles=cache_tiles, batch_size=batch_size,
                                     blend=blend)
@@ -135,7 +138,10 @@ class PzarrSlide(openslide.AbstractSlide):
         rgba[..., :3] = rgb
         rgba[..., 3] = np.where(inside, 255, 0)
         rgba[~inside, :3] = 0  # transparent black, as OpenSlide returns outside the slide
-        return Image.fromarray(rgba, "RGBA")
+        region = Image.fromarray(rgba, "RGBA")
+        if self._profile is not None:  # as OpenSlide does: DeepZoomGenerator passes it on to its tiles
+            region.info["icc_profile"] = self._profile
+        return region
 
     # ------------------------------------------------------------------ extras
     @property
@@ -169,6 +175,8 @@ class PzarrSlide(openslide.AbstractSlide):
                 "wsicodec.archived-mpp": repr(float(getattr(grid, "actual_mpp", mpp))),
             }
         )
+        if self._profile is not None:  # OpenSlide's own property for a slide with a profile
+            props["openslide.icc-size"] = str(len(self._profile))
         t = str(self._decoder.tile_size)
         for level, ((w, h), ds) in enumerate(zip(self._dims, self._downsamples)):
             props[f"openslide.level[{level}].width"] = str(w)

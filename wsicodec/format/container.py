@@ -12,6 +12,7 @@ Interface:
     c = Container.open(path)                      # ContainerError for missing/truncated/foreign/unknown major version
     c.attrs (the "pzarr" attribute dict), c.grid (TileGrid), c.model (dict), c.quantizer (Quantizer),
     c.tissue (bool (rows, cols)), c.background (C, t/f, t/f), c.associated_images() -> dict[str, np.ndarray],
+    c.icc_profile -> bytes | None                 # the source's ICC colour profile, verbatim (optional array)
     c.read_latents(r0, c0, r1, c1) -> np.ndarray (C, r1-r0, c1-c0) stored values; r*, c* are *latent-cell*
          coordinates (tile (row, col) starts at cell (row*t/f, col*t/f)); cells outside the mosaic or in
          background tiles come back as the container's background (the stored encoding of a glass tile; a white one in 1.0)
@@ -40,6 +41,7 @@ from wsicodec.errors import ContainerError
 from wsicodec.format.spec import (FEATURES_1_1, FORMAT_NAME, READ_MAJOR, SHARD_INDEX_CHECKSUM_BYTES, SHARD_INDEX_ENTRY_BYTES, SHARD_TILES, ZIP_MAGIC)
 from wsicodec.format.integrity import INTEGRITY_ARRAY, KeyStore, Problem, canonical, check_keys, parse_manifest
 from wsicodec.format.spec import decode_image, integer_problems, integrity_array_metadata, parse_version
+from wsicodec.format.spec import ICC_PROFILE_ARRAY, is_icc_profile
 from wsicodec.quant.quantizer import Quantizer
 
 def _is_zip(path: Path) -> bool:
@@ -85,6 +87,7 @@ class Container:
         self._tissue: np.ndarray | None = None
         self._background: np.ndarray | None = None
         self._quantizer: Quantizer | None = None
+        self._icc: bytes | None = None
         self.checksummed = False
         self.manifest: dict[str, Any] | None = None
         self._root_sha256: str | None = None
@@ -357,6 +360,27 @@ class Container:
         return self._tissue
 
     @property
+    def icc_profile(self) -> bytes | None:
+        """The source slide's ICC colour profile, byte for byte; None when it had none (or an older container)."""
+        if ICC_PROFILE_ARRAY not in self._root:
+            return None
+        if self._icc is None:
+            try:
+                self._icc = self._read_icc()
+            except ValueError as exc:
+                raise ContainerError(f"damaged container: {ICC_PROFILE_ARRAY} {exc}: {self.path}") from None
+        return self._icc
+
+    def _read_icc(self) -> bytes:
+        try:
+            blob = bytes(np.asarray(self._root[ICC_PROFILE_ARRAY][...], dtype=np.uint8).tobytes())
+        except Exception as exc:
+            raise ValueError(f"unreadable ({_one_line(exc)})") from None
+        if not is_icc_profile(blob):
+            raise ValueError("holds no ICC profile")
+        return blob
+
+    @property
     def glass_rgb(self) -> tuple[int, int, int]:
         """The slide's glass colour as measured (white in containers that record none)."""
         return _rgb((self.attrs.get("glass") or {}).get("rgb")) or (255, 255, 255)
@@ -505,6 +529,11 @@ class Container:
                     decode_image(grp[name][...])
                 except Exception as exc:
                     problems.append(Problem(f"associated/{name}", f"image unreadable ({_one_line(exc)})"))
+        if ICC_PROFILE_ARRAY in self._root:
+            try:
+                self._read_icc()
+            except ValueError as exc:
+                problems.append(Problem(ICC_PROFILE_ARRAY, str(exc)))
         return problems
 
     def associated_images(self) -> dict[str, np.ndarray]:
@@ -575,6 +604,8 @@ class Container:
             "ratio": (src["size"] / disk) if src.get("size") and disk else None,
             "associated_images": sorted(self._root["associated"].array_keys())
             if "associated" in self._root else [],
+            "icc_profile_bytes": (int(self._root[ICC_PROFILE_ARRAY].shape[0])
+                                  if ICC_PROFILE_ARRAY in self._root else 0),
         }
 
 

@@ -35,6 +35,15 @@ ASSOCIATED_ENCODING = {
 SOURCE_KEYS = ("filename", "size", "sha256", "vendor", "properties")
 RESOLUTION_KEYS = ("target_mpp", "source_mpp", "mpp_source", "objective_power", "archived_objective_power")
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+# the source's ICC colour profile, verbatim: an optional array (section 3.7 of the spec)
+ICC_PROFILE_ARRAY = "icc_profile"
+ICC_MEDIA_TYPE = "application/vnd.iccprofile"
+ICC_HEADER_BYTES = 128  # an ICC profile begins with a 128-byte header whose bytes 36..39 are b"acsp"
+
+
+def is_icc_profile(blob: bytes | None) -> bool:
+    """Whether ``blob`` looks like an ICC profile: a whole header with the profile file signature."""
+    return bool(blob) and len(blob) >= ICC_HEADER_BYTES and bytes(blob[36:40]) == b"acsp"
 
 # pzarr.version: exactly "MAJOR.MINOR", decimal digits without sign, space or leading zeros ("1.1", never "1.1.0")
 _VERSION = re.compile(r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")

@@ -18,6 +18,7 @@ from wsicodec.errors import ContainerError, OutputExistsError
 from wsicodec.format.container import Container
 from wsicodec.format.integrity import INTEGRITY_ARRAY, KeyStore, build_manifest, manifest_bytes
 from wsicodec.format.spec import (CHUNK_KEY_ENCODING, FORMAT_NAME, FORMAT_VERSION, RESOLUTION_KEYS, SHARD_TILES, SOURCE_KEYS, ZSTD_LEVEL)
+from wsicodec.format.spec import ICC_MEDIA_TYPE, ICC_PROFILE_ARRAY, is_icc_profile
 from wsicodec.format.spec import as_rgb, encode_image, plain, to_json, current_tool_version, utc_now
 from wsicodec.quant.quantizer import Quantizer
 
@@ -52,7 +53,8 @@ class ContainerWriter:
                  overwrite: bool = False, single_file: bool = False, tool_version: str | None = None,
                  shard_tiles: int = SHARD_TILES, glass: tuple[int, int, int] | None = None,
                  glass_paint: tuple[int, int, int] | None = None,
-                 encode_margin_px: int | None = None, encoding: dict[str, Any] | None = None):
+                 encode_margin_px: int | None = None, encoding: dict[str, Any] | None = None,
+                 icc_profile: bytes | None = None):
         self.out_path = Path(out_path)
         self.overwrite = overwrite
         self.single_file = single_file
@@ -98,6 +100,9 @@ class ContainerWriter:
         self.source = plain(source or {})
         self.resolution = plain(resolution or {})
         self.associated = {k: np.asarray(v) for k, v in (associated or {}).items() if v is not None}
+        if icc_profile is not None and not is_icc_profile(icc_profile):
+            raise ValueError("icc_profile is not an ICC profile (no 128-byte header with the 'acsp' signature)")
+        self.icc_profile = bytes(icc_profile) if icc_profile else None
         self.tool_version = tool_version or current_tool_version()
         self.created = utc_now()
         self.shard_tiles = int(shard_tiles)
@@ -148,16 +153,24 @@ class ContainerWriter:
         for name, arr in self.quantizer.arrays().items():
             self._small_array(name, np.asarray(arr, dtype=np.float32), ["channel", "level"])
         self._small_array("background", self.background, ["channel", "y", "x"])
+        if self.icc_profile is not None:
+            # the source's colour profile, verbatim: the restored TIFF, DICOM and images carry it again
+            self._byte_array(self._root, ICC_PROFILE_ARRAY, np.frombuffer(self.icc_profile, dtype=np.uint8),
+                             {"media_type": ICC_MEDIA_TYPE})
         if self.associated:
             grp = self._root.create_group("associated")
             for name, img in self.associated.items():
                 blob, attrs = encode_image(name, as_rgb(name, img))
                 # already compressed by its image codec: stored as it is, one chunk
-                a = grp.create_array(name, shape=blob.shape, dtype="uint8", chunks=blob.shape,
-                                     compressors=[Crc32cCodec()], fill_value=0, chunk_key_encoding=CHUNK_KEY_ENCODING,
-                                     dimension_names=["byte"], attributes=attrs,
-                                     config={"write_empty_chunks": True})
-                a[...] = blob
+                self._byte_array(grp, name, blob, attrs)
+
+    @staticmethod
+    def _byte_array(group: zarr.Group, name: str, blob: np.ndarray, attrs: dict[str, Any]) -> None:
+        """A one-dimensional uint8 array of bytes stored as they are (codecs bytes, crc32c), one chunk."""
+        a = group.create_array(name, shape=blob.shape, dtype="uint8", chunks=blob.shape,
+                               compressors=[Crc32cCodec()], fill_value=0, chunk_key_encoding=CHUNK_KEY_ENCODING,
+                               dimension_names=["byte"], attributes=attrs, config={"write_empty_chunks": True})
+        a[...] = blob
 
     def _small_array(self, name: str, data: np.ndarray, dims: list[str]) -> None:
         a = self._root.create_array(name, shape=data.shape, dtype=data.dtype, chunks=data.shape,

@@ -380,6 +380,7 @@ def compress(slide_path: str | os.PathLike, out_path: str | os.PathLike, *, mode
                 background=background, source=None, resolution=resolution_record(slide, layout.grid),
                 associated=slide.associated_images(), overwrite=overwrite, single_file=single_file,
                 tool_version=__version__, glass=layout.glass, glass_paint=glass_paint, encode_margin_px=margin,
+                icc_profile=slide.icc_profile,
                 encoding={"tissue_threshold": None if all_tiles else tissue_threshold, "all_tiles": all_tiles,
                           "decode_halo_cells": int(getattr(autoencoder, "decode_halo_cells", 3)),
                           "decode_blend_px": int(getattr(autoencoder, "decode_blend_px", 0)),

@@ -84,6 +84,7 @@ class DicomInfo:
     created: str | None = None  # the container's creation time (ISO 8601): the study's date and time
     attrs: dict[str, str] = field(default_factory=dict)  # patient/study attributes (PATIENT_STUDY_KEYWORDS)
     quality: int | None = None  # JPEG quality: part of what the series' UIDs derive from
+    icc_profile: bytes | None = None  # the source's ICC colour profile (the container's); sRGB when None
 
 
 def derived_uid(seed: str, role: str) -> str:
@@ -157,7 +158,7 @@ def dicom_info(container) -> DicomInfo:
                      model_id=model_id, description=desc,
                      glass_rgb=tuple(getattr(container, "glass_rgb", (255, 255, 255))),
                      uid_seed=_uid_seed(container), objective_power=float(power) if power else None,
-                     created=attrs.get("created"))
+                     created=attrs.get("created"), icc_profile=getattr(container, "icc_profile", None))
 
 
 def _uid_seed(container) -> str:
@@ -213,6 +214,22 @@ def _srgb_icc() -> bytes:
     return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
 
+# ColorSpace (0028,2002) defined terms, by the words a profile's description names its colour space with
+_COLOR_SPACES = (("srgb", "SRGB"), ("adobe rgb", "ADOBERGB"), ("romm", "ROMMRGB"))
+
+
+def _color_space(icc: bytes) -> str | None:
+    """The DICOM ColorSpace a profile's description names (``sRGB IEC61966-2.1`` -> SRGB), or None: a scanner's
+    own calibrated profile is no standard colour space, and ColorSpace (type 3) is then left out."""
+    from PIL import ImageCms
+
+    try:
+        desc = ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(icc))).lower()
+    except Exception:
+        return None
+    return next((term for words, term in _COLOR_SPACES if words in desc), None)
+
+
 def _jpeg(tile: np.ndarray, quality: int) -> bytes:
     """Baseline JPEG (YCbCr 4:2:0, JFIF) of an RGB tile."""
     import imagecodecs
@@ -247,7 +264,9 @@ class _Series:
         # the study is the archive's: dated when the container was written (the same on every restore)
         created = _parse_time(info.created) or now
         self.study_date, self.study_time = created.strftime("%Y%m%d"), created.strftime("%H%M%S")
-        self.icc = _srgb_icc()
+        # the source's profile travels on; a source without one is taken to be sRGB, as viewers assume
+        self.icc = info.icc_profile or _srgb_icc()
+        self.color_space = _color_space(self.icc)
         self.instance = 0
         stem = Path(info.source_name).stem if info.source_name else "wsicodec"
         self.container_id = _lo(stem) or "wsicodec"
@@ -395,14 +414,15 @@ class _Series:
             item.DimensionDescriptionLabel = label
             index.append(item)
         ds.DimensionIndexSequence = Sequence(index)
-        # Optical Path: brightfield, full spectrum, sRGB
+        # Optical Path: brightfield, full spectrum, the source's colour profile (else sRGB)
         path = Dataset()
         path.OpticalPathIdentifier = "1"
         path.OpticalPathDescription = "Brightfield, as restored by wsicodec"
         path.IlluminationTypeCodeSequence = Sequence([_code("111744", "DCM", "Brightfield illumination")])
         path.IlluminationColorCodeSequence = Sequence([_code("414298005", "SCT", "Full Spectrum")])
         path.ICCProfile = self.icc
-        path.ColorSpace = "SRGB"
+        if self.color_space:
+            path.ColorSpace = self.color_space
         if info.objective_power:
             path.ObjectiveLensPower = _ds(round(float(info.objective_power), 3))
         ds.NumberOfOpticalPaths = 1

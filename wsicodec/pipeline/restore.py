@@ -210,7 +210,7 @@ def restore(
         return write_aperio_pyramid(out_path, strips, int(container.grid.width), int(container.grid.height),
                                     _aperio_info(container), tile_size=tile_size, associated=associated,
                                     compression=compression, quality=quality, on_level=on_level,
-                                    overwrite=overwrite)
+                                    overwrite=overwrite, icc_profile=container.icc_profile)
 
     return _decode_and_write(container_path, out_path, write, device=device, batch_size=batch_size, model=model,
                              force=force, progress=progress, halo=halo, blend=blend, _model_obj=_model_obj)
@@ -345,7 +345,8 @@ def restore_region(
     """Restore one region: (x, y) in level-0 pixels of the archived resolution, (w, h) in pixels of ``level``
     (a 2**level downsample, the TIFF's level ``level``). The region is clipped to the image, and refused when
     the clipped region would take more than ``REGION_BUDGET_BYTES`` (1 GiB) as RGB. Writes it to ``out_path``
-    (any format PIL writes) when given; returns the RGB array, (clipped height, clipped width, 3)."""
+    (any format PIL writes) when given, with the source's ICC colour profile embedded where the format holds
+    one (PNG, JPEG, TIFF, WebP); returns the RGB array, (clipped height, clipped width, 3)."""
     from PIL import Image
 
     if w <= 0 or h <= 0:
@@ -369,7 +370,9 @@ def restore_region(
             raise WsicodecError(f"cannot write {out_path.name}: unknown image suffix {out_path.suffix!r}")
         try:
             with atomic_output(out_path, overwrite=overwrite) as tmp:
-                Image.fromarray(img).save(tmp, format=fmt)
+                # formats without a place for a profile ignore the option
+                icc = {"icc_profile": container.icc_profile} if container.icc_profile else {}
+                Image.fromarray(img).save(tmp, format=fmt, **icc)
         except (ValueError, KeyError, OSError) as exc:
             raise WsicodecError(f"cannot write {out_path.name}: {exc}") from None
     return img

@@ -2,7 +2,8 @@
 
 Layout (what OpenSlide's ``aperio`` driver and Bio-Formats' SVS reader both expect):
 
-    IFD 0   level 0, tiled, Aperio ImageDescription ``...|AppMag = 20|MPP = 0.5``
+    IFD 0   level 0, tiled, Aperio ImageDescription ``...|AppMag = 20|MPP = 0.5``; the source's ICC
+            profile (tag 34675, InterColorProfile), where it had one: OpenSlide reads it from IFD 0
     IFD 1   thumbnail, stripped
     IFD 2.. reduced levels (each halving the previous one), tiled, own Aperio description,
             NewSubfileType 0 (Bio-Formats takes any IFD with NewSubfileType != 0 for label/macro)
@@ -217,12 +218,15 @@ def write_aperio_pyramid(
     min_side: int = MIN_LEVEL_SIDE,
     on_level: Callable[[int, tuple[int, int]], None] | None = None,
     overwrite: bool = True,
+    icc_profile: bytes | None = None,
 ) -> list[tuple[int, int]]:
     """Write the pyramid to ``out_path`` (via a temporary name, renamed at the end).
 
     ``strips`` yields level 0 top to bottom as uint8 (rows, >= width, 3) arrays of ``tile_size``
     rows (the last may be shorter). ``associated`` may hold "label" and "macro" (a "thumbnail"
-    there is ignored: the thumbnail is made from the pyramid itself). Returns the level sizes.
+    there is ignored: the thumbnail is made from the pyramid itself). ``icc_profile``: the colour profile
+    of the pyramid's pixels, written into every level and the thumbnail (tag 34675; the label and macro are
+    the source's own images and keep none). Returns the level sizes.
     """
     out_path = Path(out_path)
     if tile_size % 16:
@@ -272,13 +276,14 @@ def write_aperio_pyramid(
                         buffersize=max(8, -(-w // tile_size)) * tile_size * tile_size * 3,
                         **resolution(width / w if level else 1.0),
                         **_codec_args(compression, quality),
+                        iccprofile=icc_profile,
                     )
                     if on_level is not None:
                         on_level(level, (w, h))
                     if level == 0:
                         img = thumb.image()
                         desc = f"{head}{width}x{height} -> {img.shape[1]}x{img.shape[0]} - "
-                        _write_stripped(tw, img, desc, 0, compression, quality)
+                        _write_stripped(tw, img, desc, 0, compression, quality, icc_profile)
                     if nxt is not None:
                         nxt.finish()
                         source = nxt.strips(tile_size)
@@ -303,7 +308,8 @@ def _as_rgb(img: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(img[..., :3], dtype=np.uint8)
 
 
-def _write_stripped(tw: tifffile.TiffWriter, img: np.ndarray, desc: str, subtype: int, compression: str, quality: int):
+def _write_stripped(tw: tifffile.TiffWriter, img: np.ndarray, desc: str, subtype: int, compression: str, quality: int,
+                    icc_profile: bytes | None = None):
     tw.write(
         img,
         rowsperstrip=16,
@@ -311,5 +317,6 @@ def _write_stripped(tw: tifffile.TiffWriter, img: np.ndarray, desc: str, subtype
         subfiletype=subtype,
         metadata=None,
         software=False,
+        iccprofile=icc_profile,
         **_codec_args(compression, quality),
     )

@@ -428,7 +428,8 @@ def train(cfg: TrainConfig, progress: bool = True, log: Callable[[str], None] | 
     if not history or history[-1]["step"] != step:
         held = evaluate()
         history.append({"step": step, "loss": round(ema if ema is not None else last_loss, 5),
-                        "psnr": round(held, 3), "lr": _lr_at(max(0, step - 1), cfg)})
+                        "psnr": round(held, 3),
+                        "lr": _lr_at(max(0, step - 1), cfg, elapsed_before + time.monotonic() - started)})
     save(final=step >= cfg.steps)
     say(f"saved step {step} to {out} (held-out PSNR {held:.2f} dB){' — stopped early' if stop.requested else ''}")
     return out

@@ -10,6 +10,7 @@ Interface (the pipeline relies on it):
     slide.thumbnail(max_size=1024) -> np.uint8 (h, w, 3)          # covers exactly the grid's area
     slide.associated_images() -> dict[str, np.ndarray]            # "label", "macro", "thumbnail"
     slide.properties -> dict[str, str]; slide.mpp; slide.objective_power; slide.mpp_source
+    slide.icc_profile -> bytes | None                            # the slide's ICC colour profile, verbatim
     slide.dimensions; slide.bounds (level-0 x, y, w, h archived); slide.path; slide.close(); `with`
 
 Resolution and resampling rules
@@ -160,6 +161,24 @@ def bounds_from_properties(props: dict, dimensions: tuple[int, int]) -> tuple[in
     return bx, by, bw, bh
 
 
+def _icc_profile(osr: openslide.OpenSlide) -> bytes | None:
+    """The slide's ICC colour profile as stored in it (Aperio: TIFF tag 34675 of level 0), or None.
+
+    OpenSlide (>= 4.0) reads the bytes verbatim; openslide-python keeps them in ``_profile`` and hands out only a
+    parsed copy (``color_profile``), whose re-serialisation need not be byte-identical, so the raw bytes come
+    first. A profile that is not an ICC profile (no ``acsp`` header) is dropped: no output should carry it."""
+    from wsicodec.format.spec import is_icc_profile
+
+    raw = getattr(osr, "_profile", None)
+    if not isinstance(raw, bytes):
+        try:
+            profile = osr.color_profile
+        except Exception:  # OpenSlide could not parse it: nothing a viewer could use either
+            return None
+        raw = profile.tobytes() if profile is not None else None
+    return raw if is_icc_profile(raw) else None
+
+
 class SourceSlide:
     """A slide opened with OpenSlide, with its resolution resolved."""
 
@@ -205,6 +224,7 @@ class SourceSlide:
 
         # level-0 (x, y, w, h) of the area that gets archived
         self.bounds: tuple[int, int, int, int] = bounds_from_properties(self.properties, self.dimensions)
+        self.icc_profile: bytes | None = _icc_profile(self._osr)
 
     # -- handle management ---------------------------------------------------------------------
     def _open(self) -> openslide.OpenSlide:

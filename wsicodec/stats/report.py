@@ -488,7 +488,7 @@ def estimate_slide(slide_path: Path, autoencoder, *, quant: str | None = None, l
                 out, grid=layout.grid, model=autoencoder.info, quantizer=quantizer, tissue=sample_mask,
                 background=background, source=cmp.source_record(slide, "0" * 64),  # hash skipped: same length
                 resolution=cmp.resolution_record(slide, layout.grid), associated=slide.associated_images(),
-                overwrite=True, single_file=single_file, tool_version=__version__,
+                overwrite=True, single_file=single_file, tool_version=__version__, icc_profile=slide.icc_profile,
             )
             with writer:
                 for coord, s in zip(coords, stored):

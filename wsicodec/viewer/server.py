@@ -246,7 +246,9 @@ def _jpeg(img: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
     if img.mode != "RGB":
         img = img.convert("RGB")
     buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=quality)
+    # a slide's colour profile (PzarrSlide and OpenSlide put it on their regions and thumbnails) goes into the
+    # tile, so a colour-managed browser shows the restored and the source slide as their scanner meant
+    img.save(buf, "JPEG", quality=quality, icc_profile=img.info.get("icc_profile"))
     return buf.getvalue()
 
 
