@@ -43,7 +43,7 @@ def measure(slide_path: Path, model, margin: int | None, halo: int | None, sourc
 
     import wsicodec
     from wsicodec.format.container import Container
-    from wsicodec.quality import edge_interior_ratio, error_seam_ratio, glass_step, psnr, tissue_loss
+    from wsicodec.quality import clear_glass, edge_interior_ratio, error_seam_ratio, glass_step, psnr, tissue_loss
     from wsicodec.source.slide import SourceSlide
     from wsicodec.source.tissue import tissue_like
 
@@ -73,12 +73,13 @@ def measure(slide_path: Path, model, margin: int | None, halo: int | None, sourc
             glass_err.append(np.abs(restored[sl].astype(np.float32) - source[sl]).mean())
     keep = np.repeat(np.repeat(tissue, t, 0), t, 1)[:grid.height, :grid.width]
     whole = _whole_image(model, c.quantizer, source, t, tissue, keep) if WHOLE else {}
-    step = glass_step(restored, ~like, t, tissue)
+    clear = clear_glass(source, 8)  # glass at least 8 px from anything tissue-like
+    step = glass_step(restored, clear, t, tissue)
     # overview zoom: both images averaged 16x16, the step measured on tiles of t/16 px
     k = 16
     hh, ww = (grid.height // k) * k, (grid.width // k) * k
     small = restored[:hh, :ww].reshape(hh // k, k, ww // k, k, 3).mean(axis=(1, 3))
-    small_glass = ~like[:hh, :ww].reshape(hh // k, k, ww // k, k).any(axis=(1, 3))
+    small_glass = clear[:hh, :ww].reshape(hh // k, k, ww // k, k).all(axis=(1, 3))
     step16 = glass_step(small, small_glass, t // k, tissue, band=2, min_pixels=4)
     return {
         **whole,

@@ -6,6 +6,7 @@
     error_seam_ratio(decoded, source, tile_size, tissue) -> error-image jumps at tile borders / 8-px grid
     tissue_loss(source, tissue, tile_size) -> tissue-like pixels that background tiles would drop
     glass_step(decoded, glass_mask, tile_size, tissue) -> the glass colour's jump across tissue/background borders
+    clear_glass(source, distance) -> source pixels that are glass and at least ``distance`` px from anything else
 """
 
 from __future__ import annotations
@@ -124,6 +125,22 @@ def tissue_loss(source: np.ndarray, tissue: np.ndarray, tile_size: int) -> dict[
             worst = max(worst, float(block.mean()))
     return {"lost_fraction": float(like[background].sum()) / total if total else 0.0, "worst_tile": worst,
             "tissue_like_pixels": float(total)}
+
+
+def clear_glass(source: np.ndarray, distance: int = 8) -> np.ndarray:
+    """Bool (h, w): pixels at least ``distance`` px (Chebyshev) from any tissue-like source pixel.
+
+    The glass colour is measured there: next to tissue any decoder blends a little tissue into the glass,
+    which is fidelity (edge error), not the glass colour's step between tiles."""
+    from wsicodec.source.tissue import tissue_like
+
+    like = tissue_like(source).astype(np.int32)
+    h, w = like.shape
+    pad = np.pad(like, distance + 1)
+    cs = pad.cumsum(0).cumsum(1)
+    k = 2 * distance + 1
+    box = cs[k:k + h, k:k + w] - cs[:h, k:k + w] - cs[k:k + h, :w] + cs[:h, :w]
+    return box == 0
 
 
 def glass_step(decoded: np.ndarray, glass_mask: np.ndarray, tile_size: int, tissue: np.ndarray,
